@@ -1,0 +1,130 @@
+"""HH-RLHF loading and conversion to DPO's prompt/chosen/rejected columns.
+
+Rows come from the Hub (``Anthropic/hh-rlhf``, optional ``data_dir``) or from a local ``.jsonl`` /
+``.jsonl.gz`` file in the original format. Each row is split at the last ``"\\n\\nAssistant:"`` and
+formatted with the same function the Space uses (``dpo_space.prompts``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpo_space.prompts import format_prompt, format_response, hh_to_messages, split_hh_pair
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclass
+class ConversionStats:
+    """What happened to the rows: kept, and skipped by reason."""
+
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def log(self, source: str) -> None:
+        reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) or "none"
+        logger.info("%s: kept %d pairs; skipped %d (%s)", source, self.kept, sum(self.skipped.values()), reasons)
+
+
+def is_local_file(name: str) -> bool:
+    return name.endswith(LOCAL_SUFFIXES)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | str]]:
+    """Yield ``(line_number, row)``; a line that is not a JSON object yields ``(n, error message)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist; pass a .jsonl or .jsonl.gz file of HH-RLHF rows")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, f"not JSON ({e.msg})"
+                continue
+            yield n, row if isinstance(row, dict) else "not a JSON object"
+
+
+def row_problem(row) -> str | None:
+    """Why a row is not an HH pair, or None."""
+    if isinstance(row, str):
+        return row
+    for key in ("chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            return f"missing or non-string {key!r}"
+    return None
+
+
+def convert_rows(
+    rows: Iterable[tuple[int, dict | str]],
+    tokenizer,
+    source: str,
+    skip_bad_rows: bool = False,
+) -> tuple[list[dict[str, str]], ConversionStats]:
+    """HH rows -> formatted DPO rows. Identical pairs are always dropped (no signal) and counted.
+
+    A bad row raises ``ValueError`` naming ``source`` and its row number, unless ``skip_bad_rows``.
+    """
+    out, stats = [], ConversionStats()
+    for n, row in rows:
+        problem = row_problem(row)
+        if problem is None:
+            try:
+                pair = split_hh_pair(row["chosen"], row["rejected"])
+            except ValueError as e:
+                problem = str(e)
+        if problem is not None:
+            if not skip_bad_rows:
+                raise ValueError(f"{source}, row {n}: {problem}. Fix the row or set skip_bad_rows: true.")
+            stats.skipped[problem] += 1
+            continue
+        if pair.chosen == pair.rejected:
+            stats.skipped["identical chosen and rejected replies"] += 1
+            continue
+        prompt = format_prompt(hh_to_messages(pair.prompt), tokenizer)
+        out.append(
+            {
+                "prompt": prompt,
+                "chosen": format_response(pair.chosen, tokenizer),
+                "rejected": format_response(pair.rejected, tokenizer),
+            }
+        )
+        stats.kept += 1
+    stats.log(source)
+    return out, stats
+
+
+def load_hh_rows(name: str, data_dir: str | None = None, split: str = "train") -> Iterator[tuple[int, dict | str]]:
+    """Numbered raw rows from a local file or the Hub."""
+    if is_local_file(name):
+        yield from read_jsonl(name)
+        return
+    from datasets import load_dataset
+
+    dataset = load_dataset(name, data_dir=data_dir, split=split)
+    yield from enumerate(dataset, start=1)
+
+
+def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A deterministic shuffle-and-cut of one file into train and held-out rows."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1); got {eval_fraction}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(rows) * eval_fraction)
+    eval_idx = set(order[:n_eval])
+    train = [r for i, r in enumerate(rows) if i not in eval_idx]
+    held_out = [r for i, r in enumerate(rows) if i in eval_idx]
+    return train, held_out

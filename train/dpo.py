@@ -1,0 +1,161 @@
+"""DPO fine-tuning on Anthropic HH-RLHF with TRL.
+
+    python -m train.dpo --config train/recipes/smollm2-hh.yaml [--key value ...]
+
+A recipe (YAML) sets the script's own arguments, ``DPOConfig`` and ``ModelConfig``; command-line flags
+override it; an unknown key is an error. Writes the model (or LoRA adapter) and tokenizer as safetensors,
+``run_config.yaml``, ``train_results.json`` and ``eval_results.json`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DPO_METRIC_PREFIXES = ("loss", "rewards/", "logps/", "logits/")
+
+
+@dataclass
+class ScriptArguments:
+    """Where the preference pairs come from and how to cut them."""
+
+    dataset_name: str = field(
+        default="Anthropic/hh-rlhf",
+        metadata={"help": "Hub dataset id, or a local .jsonl / .jsonl.gz file of HH-RLHF rows."},
+    )
+    dataset_data_dir: str | None = field(default=None, metadata={"help": "Hub data_dir, e.g. harmless-base."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Hub split to train on."})
+    dataset_test_split: str | None = field(
+        default="test", metadata={"help": "Hub split to evaluate on (ignored when eval_fraction > 0)."}
+    )
+    eval_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this share of the training rows (seeded) instead of a test split."}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "Train on the first N rows only."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip (and count) rows that are not a valid HH pair instead of failing."}
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference model for full fine-tuning (default: a copy of the policy)."}
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is not set: give it in the recipe or as --model_name_or_path")
+    return script_args, training_args, model_args
+
+
+def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
+    """Formatted train and eval rows (``prompt``/``chosen``/``rejected``) as ``datasets.Dataset``."""
+    from datasets import Dataset
+
+    from train.data import convert_rows, is_local_file, load_hh_rows, split_train_eval
+
+    name = script_args.dataset_name
+    rows = list(load_hh_rows(name, script_args.dataset_data_dir, script_args.dataset_train_split))
+    if script_args.eval_fraction > 0:
+        train_rows, eval_rows = split_train_eval(rows, script_args.eval_fraction, seed)
+    elif script_args.dataset_test_split and not is_local_file(name):
+        train_rows = rows
+        eval_rows = list(load_hh_rows(name, script_args.dataset_data_dir, script_args.dataset_test_split))
+    else:
+        train_rows, eval_rows = rows, []
+    train_rows = train_rows[: script_args.max_samples]
+    eval_rows = eval_rows[: script_args.max_eval_samples]
+
+    skip = script_args.skip_bad_rows
+    train, _ = convert_rows(train_rows, tokenizer, f"{name} (train)", skip_bad_rows=skip)
+    evaluation, _ = convert_rows(eval_rows, tokenizer, f"{name} (eval)", skip_bad_rows=skip) if eval_rows else ([], None)
+    if not train:
+        raise ValueError(f"{name}: no usable training pairs; check the file and skip_bad_rows")
+    return Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None
+
+
+def dpo_metrics(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k.split("eval_", 1)[-1].startswith(DPO_METRIC_PREFIXES)}
+
+
+def write_results(output_dir: str, train_metrics: dict, eval_metrics: dict | None, log_history: list) -> None:
+    """``train_results.json`` (run totals, last logged DPO metrics, full log history) and ``eval_results.json``."""
+    out = Path(output_dir)
+    last_train_log = next((e for e in reversed(log_history) if "rewards/accuracies" in e), {})
+    train = {**train_metrics, **dpo_metrics(last_train_log), "log_history": log_history}
+    (out / "train_results.json").write_text(json.dumps(train, indent=2) + "\n")
+    if eval_metrics is not None:
+        (out / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+
+
+def write_run_config(output_dir: str, script_args, training_args, model_args) -> None:
+    import yaml
+
+    config = {
+        "script": asdict(script_args),
+        "model": asdict(model_args),
+        "training": training_args.to_dict(),
+        "command": " ".join(sys.argv),
+    }
+    (Path(output_dir) / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def record_adapter_base(output_dir: str, base_name: str) -> None:
+    """Record the base by its portable name (e.g. ``embedded``), not this machine's cache path."""
+    path = Path(output_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    script_args, training_args, model_args = parse_args(argv)
+
+    from trl import DPOTrainer, get_peft_config
+
+    from dpo_space.models import load_causal_lm, load_tokenizer
+
+    name = model_args.model_name_or_path
+    tokenizer = load_tokenizer(name)
+    train_dataset, eval_dataset = load_pairs(script_args, tokenizer, training_args.seed)
+    logger.info("Pairs: %d train, %d eval", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
+
+    model = load_causal_lm(name, dtype=model_args.dtype)
+    peft_config = get_peft_config(model_args)
+    ref_model = None  # LoRA: the reference is the policy with its adapter disabled, no second copy
+    if peft_config is None:
+        ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
+
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    eval_metrics = trainer.evaluate() if eval_dataset is not None else None
+
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        if peft_config is not None:
+            record_adapter_base(training_args.output_dir, name)
+        write_results(training_args.output_dir, result.metrics, eval_metrics, trainer.state.log_history)
+        write_run_config(training_args.output_dir, script_args, training_args, model_args)
+        logger.info("Saved to %s", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
