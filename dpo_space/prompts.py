@@ -58,7 +58,8 @@ def hh_to_messages(dialogue: str) -> list[dict[str, str]]:
     if not _TURN.match(dialogue):
         raise ValueError(f"an HH dialogue must start with {HUMAN!r}; got {dialogue[:40]!r}")
     parts = _TURN.split(dialogue)[1:]  # [role, text, role, text, ...]
-    messages = [{"role": _ROLES[role], "content": text.strip()} for role, text in zip(parts[::2], parts[1::2])]
+    pairs = zip(parts[::2], parts[1::2], strict=True)
+    messages = [{"role": _ROLES[role], "content": text.strip()} for role, text in pairs]
     if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     return messages

@@ -47,8 +47,12 @@ class ScriptArguments:
 
 
 def parse_args(argv: list[str] | None = None):
+    import torch
     from trl import DPOConfig, ModelConfig, TrlParser
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        argv += ["--use_cpu", "true"]  # lets bf16 recipes run unchanged on a CPU (autocast, AMX where present)
     parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if not model_args.model_name_or_path:
@@ -76,7 +80,9 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
 
     skip = script_args.skip_bad_rows
     train, _ = convert_rows(train_rows, tokenizer, f"{name} (train)", skip_bad_rows=skip)
-    evaluation, _ = convert_rows(eval_rows, tokenizer, f"{name} (eval)", skip_bad_rows=skip) if eval_rows else ([], None)
+    evaluation, _ = (
+        convert_rows(eval_rows, tokenizer, f"{name} (eval)", skip_bad_rows=skip) if eval_rows else ([], None)
+    )
     if not train:
         raise ValueError(f"{name}: no usable training pairs; check the file and skip_bad_rows")
     return Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None

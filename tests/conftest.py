@@ -1,0 +1,43 @@
+"""Shared fixtures: local models (no Hub), the fixture data and the real HH sample when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_HH = ROOT / "tests" / "fixtures" / "hh_tiny.jsonl"
+REAL_HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded_path() -> str:
+    from dpo_space.models import resolve
+
+    return resolve("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer(embedded_path):
+    from dpo_space.models import load_tokenizer
+
+    return load_tokenizer("embedded")
+
+
+@pytest.fixture(scope="session")
+def tiny_path() -> str:
+    from dpo_space.models import resolve
+
+    return resolve("tiny")
+
+
+@pytest.fixture
+def real_hh() -> Path:
+    if not REAL_HH.is_file():
+        pytest.skip(f"real HH-RLHF sample not found at {REAL_HH} (it lives in ../shared, never in the repo)")
+    return REAL_HH

@@ -1,0 +1,120 @@
+"""The DPO job really trains: a tiny model, a few steps, full and LoRA, resumed, and every recipe parses."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import FIXTURE_HH, ROOT
+from train.dpo import main, parse_args
+
+RECIPES = sorted((ROOT / "train" / "recipes").glob("*.yaml"))
+TINY = str(ROOT / "train" / "recipes" / "tiny.yaml")
+DPO_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"}
+
+
+def run_tiny(output_dir: Path, *extra: str) -> dict:
+    main(["--config", TINY, "--output_dir", str(output_dir), "--dataset_name", str(FIXTURE_HH), *extra])
+    return json.loads((output_dir / "train_results.json").read_text())
+
+
+def test_full_fine_tuning_trains_and_writes_metrics(tmp_path, tiny_path):
+    results = run_tiny(tmp_path)
+    assert math.isfinite(results["train_loss"])
+    assert DPO_KEYS <= results.keys()
+    assert len([e for e in results["log_history"] if "loss" in e]) == 4  # logging_steps 1, max_steps 4
+    evaluation = json.loads((tmp_path / "eval_results.json").read_text())
+    assert {"eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"} <= evaluation.keys()
+
+    before = load_file(Path(tiny_path) / "model.safetensors")
+    after = load_file(tmp_path / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "tokenizer.json").is_file() and (tmp_path / "run_config.yaml").is_file()
+    assert not list(tmp_path.glob("*.bin")) or [p.name for p in tmp_path.glob("*.bin")] == ["training_args.bin"]
+
+
+def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
+    run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny"  # portable name, not this machine's cache path
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+
+    from dpo_space.models import load_model
+
+    loaded = load_model(str(tmp_path))
+    assert loaded.is_adapter and loaded.base == "tiny"
+    base = load_file(Path(tiny_path) / "model.safetensors")
+    merged = loaded.model.merge_and_unload()
+    merged_state = merged.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged_state[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_resume_continues_from_the_checkpoint_step(tmp_path, tiny_path):
+    run_tiny(tmp_path, "--max_steps", "2")
+    checkpoint = tmp_path / "checkpoint-2"
+    assert checkpoint.is_dir()
+    results = run_tiny(tmp_path, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint))
+    steps = [e["step"] for e in results["log_history"] if "loss" in e]
+    assert steps == [1, 2, 3, 4]  # the first two come from the checkpoint's state
+    state = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_strictly(recipe):
+    script_args, training_args, model_args = parse_args(["--config", str(recipe)])
+    assert model_args.model_name_or_path and training_args.report_to == []
+    assert training_args.remove_unused_columns is False
+
+
+def test_original_recipe_keeps_the_original_configuration():
+    script_args, args, model_args = parse_args(["--config", str(ROOT / "train/recipes/gpt2-hh.yaml")])
+    assert model_args.model_name_or_path == "openai-community/gpt2"
+    assert script_args.dataset_name == "Anthropic/hh-rlhf" and script_args.max_samples == 1000
+    assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (3, 5e-7, 1)
+    assert (args.adam_epsilon, args.lr_scheduler_type.value, args.warmup_steps, args.seed) == (1e-8, "linear", 0.1, 42)
+    assert (args.logging_steps, args.save_steps, args.gradient_checkpointing, args.bf16) == (100, 100, True, True)
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(TINY).read_text() + "learning_rat: 1.0e-5\n")
+    with pytest.raises(ValueError, match="learning_rat"):
+        parse_args(["--config", str(recipe)])
+
+
+def test_original_recipe_runs_with_local_model_and_data(tmp_path, tiny_path):
+    main(
+        [
+            "--config", str(ROOT / "train/recipes/gpt2-hh.yaml"),
+            "--model_name_or_path", "tiny",
+            "--dataset_name", str(FIXTURE_HH),
+            "--eval_fraction", "0.25",
+            "--max_steps", "1",
+            "--max_length", "128",
+            "--output_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert max(e["step"] for e in results["log_history"]) == 1
+    assert math.isfinite(results["train_loss"])
+
+
+@pytest.mark.slow
+def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
+    main(["--config", str(ROOT / "train/recipes/smollm2-hh.yaml"), "--max_steps", "2", "--max_eval_samples", "8",
+          "--dataset_name", str(real_hh), "--output_dir", str(tmp_path)])  # fmt: skip
+    results = json.loads((tmp_path / "train_results.json").read_text())
+    assert math.isfinite(results["train_loss"]) and (tmp_path / "model.safetensors").is_file()
+
+    from dpo_space.models import load_model
+
+    loaded = load_model(str(tmp_path))
+    assert loaded.model.config.model_type == "llama" and not loaded.is_adapter
