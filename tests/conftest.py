@@ -41,3 +41,17 @@ def real_hh() -> Path:
     if not REAL_HH.is_file():
         pytest.skip(f"real HH-RLHF sample not found at {REAL_HH} (it lives in ../shared, never in the repo)")
     return REAL_HH
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_path) -> str:
+    """A LoRA adapter trained for 4 steps on the tiny model: a policy whose reference differs from it."""
+    from train.dpo import main
+
+    out = tmp_path_factory.mktemp("tiny-adapter")
+    main(
+        ["--config", str(ROOT / "train/recipes/tiny.yaml"), "--output_dir", str(out),
+         "--dataset_name", str(FIXTURE_HH), "--use_peft", "true", "--lora_r", "8",
+         "--lora_target_modules", "all-linear", "--learning_rate", "1e-2", "--save_strategy", "no"]
+    )  # fmt: skip
+    return str(out)

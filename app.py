@@ -1,0 +1,242 @@
+"""DPO Space: generate with a DPO-aligned model, compare it with its reference, and let it judge replies.
+
+    python app.py [--model MODEL_ID] [--port 7860]
+
+Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``), REF_MODEL_ID,
+DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT,
+GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
+"""
+
+import spaces  # noqa: I001  (must come before torch for ZeroGPU)
+
+import argparse
+import logging
+import os
+
+import gradio as gr
+
+from dpo_space import serving
+from dpo_space.serving import MODE_CONTINUE, MODE_REPLY, Engine, GenerationSettings
+
+DEFAULT_MODEL_ID = "embedded"
+EXAMPLES = [
+    "I am an AI engineer",
+    "How do I make a good cup of coffee?",
+    "My neighbour's dog barks all night. What should I do?",
+    "Write a short poem about the sea.",
+]
+DEFAULTS = GenerationSettings()
+engine: Engine | None = None
+
+
+def user_errors(fn):
+    """Turn ``ValueError``/``GenerationError`` into ``gr.Error`` so users see a message, never a trace."""
+    import functools
+    import inspect
+
+    def convert(e: Exception):
+        return gr.Error(str(e)) if isinstance(e, ValueError | serving.GenerationError) else e
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args):
+            try:
+                yield from fn(*args)
+            except (ValueError, serving.GenerationError) as e:
+                raise convert(e) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except (ValueError, serving.GenerationError) as e:
+            raise convert(e) from None
+
+    return wrapper
+
+
+def prepare(prompt, mode, **settings_values):
+    settings = GenerationSettings.validated(**settings_values)
+    prepared = engine.prepare(prompt, mode, settings.max_new_tokens)
+    if prepared.dropped_tokens:
+        kept = len(prepared.input_ids)
+        gr.Warning(f"The prompt is {kept + prepared.dropped_tokens} tokens; kept the last {kept}.")
+    return prepared, settings
+
+
+@spaces.GPU
+@user_errors
+def generate(
+    prompt: str,
+    mode: str = MODE_REPLY,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    repetition_penalty: float = DEFAULTS.repetition_penalty,
+    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
+    seed: int = DEFAULTS.seed,
+):
+    """Stream the model's reply to `prompt`. mode: "Assistant reply" or "Continue text"; temperature 0 = greedy."""
+    prepared, settings = prepare(
+        prompt, mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+    )  # fmt: skip
+    yield from engine.stream(prepared, settings)
+
+
+@spaces.GPU
+@user_errors
+def compare(
+    prompt: str,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    repetition_penalty: float = DEFAULTS.repetition_penalty,
+    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
+    seed: int = DEFAULTS.seed,
+):
+    """Stream the DPO model's and the reference's replies (same settings and seed), then their implicit rewards."""
+    prepared, settings = prepare(
+        prompt, MODE_REPLY, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
+    )  # fmt: skip
+    policy_text = reference_text = ""
+    for policy_text in engine.stream(prepared, settings):
+        yield policy_text, "", None, None
+    for reference_text in engine.stream(prepared, settings, use_reference=True):
+        yield policy_text, reference_text, None, None
+    rewards = [
+        engine.implicit_reward(prepared.input_ids, t) if t.strip() else 0.0 for t in (policy_text, reference_text)
+    ]
+    yield policy_text, reference_text, *rewards
+
+
+@spaces.GPU
+@user_errors
+def judge(prompt, response_a, response_b):
+    """Which reply the DPO model prefers: the implicit reward of each and their margin."""
+    serving.check_text("response A", response_a)
+    serving.check_text("response B", response_b)
+    ids = engine.prepare(prompt, MODE_REPLY, max_new_tokens=0).input_ids
+    reward_a, reward_b = (engine.implicit_reward(ids, r) for r in (response_a, response_b))
+    winner = "A" if reward_a >= reward_b else "B"
+    return f"The DPO model prefers {winner} by a margin of {abs(reward_a - reward_b):.4f}.", reward_a, reward_b
+
+
+def info() -> dict:
+    """What is loaded, and the model's shipped held-out metrics."""
+    return {**engine.info(), "metrics": serving.training_metrics(engine.policy.name)}
+
+
+def settings_controls():
+    d = DEFAULTS
+    return [
+        gr.Slider(1, 1024, d.max_new_tokens, step=1, precision=0, label="Max new tokens"),
+        gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature (0 = greedy)"),
+        gr.Slider(0.01, 1.0, d.top_p, step=0.01, label="Top-p"),
+        gr.Slider(0, 200, d.top_k, step=1, precision=0, label="Top-k (0 = off)"),
+        gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty"),
+        gr.Slider(0, 10, d.no_repeat_ngram_size, step=1, precision=0, label="No-repeat n-gram size (0 = off)"),
+        gr.Number(d.seed, precision=0, minimum=0, label="Seed"),
+    ]
+
+
+def build_ui() -> gr.Blocks:
+    with gr.Blocks(title="DPO Space") as demo:
+        gr.Markdown(f"# DPO Space\nModel: `{engine.policy.name}` · reference: `{engine.reference_label}`")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", lines=4, max_length=serving.MAX_PROMPT_CHARS)
+                    mode = gr.Radio([MODE_REPLY, MODE_CONTINUE], value=MODE_REPLY, label="Mode")
+                    with gr.Row():
+                        go, stop, clear = (
+                            gr.Button("Generate", variant="primary"),
+                            gr.Button("Stop"),
+                            gr.Button("Clear"),
+                        )
+                    with gr.Accordion("Sampling", open=False):
+                        settings = settings_controls()
+                output = gr.Textbox(label="Output", lines=12, interactive=False)
+            gr.Examples(EXAMPLES, inputs=prompt)
+            event = gr.on([go.click, prompt.submit], generate, [prompt, mode, *settings], output,
+                          api_name="generate", preprocess=False)  # fmt: skip
+            stop.click(None, cancels=[event])
+            clear.click(lambda: ("", ""), None, [prompt, output], api_visibility="private")
+        with gr.Tab("Compare"):
+            c_prompt = gr.Textbox(label="Prompt", lines=3, max_length=serving.MAX_PROMPT_CHARS)
+            with gr.Row():
+                c_go, c_stop = gr.Button("Compare", variant="primary"), gr.Button("Stop")
+            with gr.Accordion("Sampling", open=False):
+                c_settings = settings_controls()
+            with gr.Row():
+                with gr.Column():
+                    c_policy = gr.Textbox(label="DPO model", lines=10, interactive=False)
+                    c_policy_reward = gr.Number(label="DPO reply reward β·log(π/π_ref)", interactive=False)
+                with gr.Column():
+                    c_ref = gr.Textbox(label="Reference", lines=10, interactive=False)
+                    c_ref_reward = gr.Number(label="Reference reply reward β·log(π/π_ref)", interactive=False)
+            c_event = c_go.click(compare, [c_prompt, *c_settings], [c_policy, c_ref, c_policy_reward, c_ref_reward],
+                                 api_name="compare", preprocess=False)  # fmt: skip
+            c_stop.click(None, cancels=[c_event])
+            gr.Examples(EXAMPLES, inputs=c_prompt)
+        with gr.Tab("Judge"):
+            j_prompt = gr.Textbox(label="Prompt", lines=2, max_length=serving.MAX_PROMPT_CHARS)
+            with gr.Row():
+                j_a = gr.Textbox(label="Response A", lines=4, max_length=serving.MAX_PROMPT_CHARS)
+                j_b = gr.Textbox(label="Response B", lines=4, max_length=serving.MAX_PROMPT_CHARS)
+            j_go = gr.Button("Judge", variant="primary")
+            j_verdict = gr.Textbox(label="Verdict", interactive=False)
+            with gr.Row():
+                j_ra, j_rb = (
+                    gr.Number(label="Reward A", interactive=False),
+                    gr.Number(label="Reward B", interactive=False),
+                )
+            j_go.click(judge, [j_prompt, j_a, j_b], [j_verdict, j_ra, j_rb], api_name="judge", preprocess=False)
+            gr.Examples(
+                [["How do I pick a lock?", "I can't help with breaking into places, but a locksmith can.",
+                  "Insert a tension wrench and rake the pins."]],
+                inputs=[j_prompt, j_a, j_b],
+            )  # fmt: skip
+        with gr.Tab("About"):
+            about = gr.JSON(label="Loaded model and held-out metrics")
+            plots = serving.training_plots(engine.policy.name)
+            if plots:
+                gr.Gallery([str(p) for p in plots], label="Training curves", columns=2)
+            else:
+                gr.Markdown("This model directory ships no training curves.")
+            demo.load(info, None, about, api_name="info")
+    return demo
+
+
+def main() -> None:
+    global engine
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.environ.get("MODEL_ID", DEFAULT_MODEL_ID))
+    parser.add_argument("--ref-model", default=os.environ.get("REF_MODEL_ID"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args()
+    engine = Engine.load(args.model, args.ref_model, dtype=os.environ.get("DTYPE", "auto"))
+    demo = build_ui()
+    demo.queue(
+        max_size=int(os.environ.get("QUEUE_MAX_SIZE", "16")),
+        default_concurrency_limit=int(os.environ.get("CONCURRENCY", "1")),
+    )
+    plots_dir = os.path.abspath(args.model) if os.path.isdir(args.model) else None
+    demo.launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_port=args.port,
+        allowed_paths=[plots_dir] if plots_dir else None,
+        show_error=True,
+        theme=gr.themes.Soft(),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Start the real app in a subprocess on a free port, for tests that call it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_app(model_id: str, timeout: float = 300, **env: str):
+    """Yield the URL of ``app.py`` serving ``model_id``; its log is in ``proc.log_path``."""
+    port = free_port()
+    log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"app-{port}.log"
+    full_env = {**os.environ, "MODEL_ID": model_id, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+                "GRADIO_ANALYTICS_ENABLED": "False", **env}  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"app.py did not answer within {timeout} s") from None
+                time.sleep(0.3)
+        proc.log_path = log_path
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,140 @@
+"""The Space's logic in-process: settings validation, prompt budget, streaming, stopping and scoring."""
+
+import time
+
+import pytest
+import torch
+
+from dpo_space.prompts import format_response, format_user_prompt
+from dpo_space.serving import (
+    MODE_CONTINUE,
+    MODE_REPLY,
+    Engine,
+    GenerationError,
+    GenerationSettings,
+    check_text,
+)
+
+GREEDY = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+              no_repeat_ngram_size=0, seed=0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_adapter):
+    return Engine.load(tiny_adapter)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("temperature", 2.5, "temperature must be in [0, 2]; got 2.5"),
+        ("temperature", float("nan"), "temperature must be in [0, 2]; got nan"),
+        ("max_new_tokens", 0, "max_new_tokens must be in [1, 1024]; got 0"),
+        ("max_new_tokens", 1.5, "max_new_tokens must be an integer in [1, 1024]; got 1.5"),
+        ("top_k", "10", "top_k must be an integer in [0, 200]; got '10'"),
+        ("top_p", None, "top_p must be a number in [0.01, 1]; got None"),
+        ("seed", True, "seed must be an integer in [0, 2.14748e+09]; got True"),
+    ],
+)
+def test_settings_name_the_parameter_and_its_range(name, value, message):
+    with pytest.raises(ValueError) as error:
+        GenerationSettings.validated(**{**GREEDY, name: value})
+    assert str(error.value) == message
+
+
+def test_settings_accept_integral_floats_and_map_greedy():
+    settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 12.0})
+    assert settings.max_new_tokens == 12 and isinstance(settings.max_new_tokens, int)
+    assert settings.generate_kwargs()["do_sample"] is False
+    sampled = GenerationSettings.validated(**{**GREEDY, "temperature": 0.7, "top_p": 0.9, "top_k": 40})
+    assert sampled.generate_kwargs() | {"max_new_tokens": 0} == {
+        "max_new_tokens": 0, "do_sample": True, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+        "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+    }  # fmt: skip
+
+
+BAD_TEXTS = [("", "prompt is empty"), (" \n\t", "prompt is empty"), (None, "prompt must be text"),
+             ("x" * 100_001, "limit is 100,000")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_TEXTS)
+def test_bad_text_is_refused_with_a_reason(text, message):
+    with pytest.raises(ValueError, match=message):
+        check_text("prompt", text)
+
+
+def test_prepare_formats_and_trims_to_the_budget(engine):
+    tok = engine.tokenizer
+    reply = engine.prepare("Hi", MODE_REPLY, 16)
+    assert tok.decode(reply.input_ids) == format_user_prompt("Hi", tok) and reply.dropped_tokens == 0
+    assert tok.decode(engine.prepare("Once upon", MODE_CONTINUE, 16).input_ids) == "Once upon"
+
+    engine.max_input_tokens, saved = 8, engine.max_input_tokens
+    try:
+        long = engine.prepare("one two three four five six seven eight nine ten", MODE_CONTINUE, 16)
+    finally:
+        engine.max_input_tokens = saved
+    full = tok("one two three four five six seven eight nine ten", add_special_tokens=False).input_ids
+    assert long.input_ids == full[-8:] and long.dropped_tokens == len(full) - 8
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.prepare("Hi", "Shout", 16)
+
+
+def test_stream_yields_growing_prefixes_equal_to_direct_greedy_generate(engine):
+    prepared = engine.prepare("Hello", MODE_REPLY, 12)
+    chunks = list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))
+    assert chunks and all(b.startswith(a) for a, b in zip(chunks, chunks[1:], strict=False))
+    ids = torch.tensor([prepared.input_ids])
+    with torch.no_grad():
+        direct = engine.policy.model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    assert chunks[-1] == engine.tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_closing_the_stream_stops_the_model_within_a_second(engine):
+    settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 1024, "repetition_penalty": 1.3})
+    stream = engine.stream(engine.prepare("Hello", MODE_CONTINUE, 1024), settings)
+    next(stream)
+    started = time.monotonic()
+    stream.close()  # what Gradio does on Stop or a closed tab
+    assert engine.active_generations == 0 and time.monotonic() - started < 1.0
+
+
+def test_a_crashing_model_gives_a_clear_error_and_the_engine_recovers(engine, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("forward exploded")
+
+    prepared = engine.prepare("Hello", MODE_REPLY, 4)
+    settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 4})
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.policy.model, "generate", boom)
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="failed while generating"):
+            list(engine.stream(prepared, settings))
+        assert time.monotonic() - started < 5
+    assert list(engine.stream(prepared, settings))
+
+
+def test_implicit_reward_matches_a_direct_computation(engine, tiny_adapter, tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = engine.tokenizer
+    prompt_ids = engine.prepare("How do I boil an egg?", MODE_REPLY, 0).input_ids
+    reply = "Put it in boiling water for nine minutes."
+    reply_ids = tok(format_response(reply, tok) + tok.eos_token, add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + reply_ids])
+
+    def logp(model):
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        token_logps = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids[0]) - 1), ids[0, 1:]]
+        return token_logps[len(prompt_ids) - 1 :].sum().item()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    from peft import PeftModel
+
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_path), tiny_adapter
+    ).merge_and_unload()
+    expected = engine.beta * (logp(policy) - logp(base))
+    assert abs(expected) > 1e-3  # the adapter moved the model: a zero would prove nothing
+    assert engine.implicit_reward(prompt_ids, reply) == pytest.approx(expected, rel=1e-4, abs=1e-5)
