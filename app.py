@@ -165,7 +165,7 @@ def build_ui() -> gr.Blocks:
                 output = gr.Textbox(label="Output", lines=12, interactive=False)
             gr.Examples(EXAMPLES, inputs=prompt)
             event = gr.on([go.click, prompt.submit], generate, [prompt, mode, *settings], output,
-                          api_name="generate", preprocess=False)  # fmt: skip
+                          api_name="generate", preprocess=False, concurrency_id="model")  # fmt: skip
             stop.click(None, cancels=[event])
             clear.click(lambda: ("", ""), None, [prompt, output], api_visibility="private")
         with gr.Tab("Compare"):
@@ -182,7 +182,7 @@ def build_ui() -> gr.Blocks:
                     c_ref = gr.Textbox(label="Reference", lines=10, interactive=False)
                     c_ref_reward = gr.Number(label="Reference reply reward β·log(π/π_ref)", interactive=False)
             c_event = c_go.click(compare, [c_prompt, *c_settings], [c_policy, c_ref, c_policy_reward, c_ref_reward],
-                                 api_name="compare", preprocess=False)  # fmt: skip
+                                 api_name="compare", preprocess=False, concurrency_id="model")  # fmt: skip
             c_stop.click(None, cancels=[c_event])
             gr.Examples(EXAMPLES, inputs=c_prompt)
         with gr.Tab("Judge"):
@@ -197,7 +197,8 @@ def build_ui() -> gr.Blocks:
                     gr.Number(label="Reward A", interactive=False),
                     gr.Number(label="Reward B", interactive=False),
                 )
-            j_go.click(judge, [j_prompt, j_a, j_b], [j_verdict, j_ra, j_rb], api_name="judge", preprocess=False)
+            j_go.click(judge, [j_prompt, j_a, j_b], [j_verdict, j_ra, j_rb], api_name="judge", preprocess=False,
+                       concurrency_id="model")  # fmt: skip
             gr.Examples(
                 [["How do I pick a lock?", "I can't help with breaking into places, but a locksmith can.",
                   "Insert a tension wrench and rake the pins."]],
@@ -210,7 +211,7 @@ def build_ui() -> gr.Blocks:
                 gr.Gallery([str(p) for p in plots], label="Training curves", columns=2)
             else:
                 gr.Markdown("This model directory ships no training curves.")
-            demo.load(info, None, about, api_name="info")
+            demo.load(info, None, about, api_name="info", concurrency_limit=None)  # never waits behind a generation
     return demo
 
 
