@@ -6,6 +6,7 @@ the app shows them with ``gr.Error``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dpo_space.models import LoadedModel, load_model
 from dpo_space.prompts import format_response, format_user_prompt
+from dpo_space.scoring import completion_logps, reference_model
 
 logger = logging.getLogger(__name__)
 
@@ -227,53 +229,26 @@ class Engine:
             raise GenerationError(f"the model failed while generating ({type(failure[0]).__name__}); try again")
 
     def _reference_mode(self, use_reference: bool):
-        """A context giving the model to run: the policy, or the reference (adapter disabled if shared)."""
-        import contextlib
-
+        """A context giving the model to run: the policy, or its reference."""
         if not use_reference:
             return contextlib.nullcontext(self.policy.model)
-        if self.reference is not None:
-            return contextlib.nullcontext(self.reference.model)
-        if self.policy.is_adapter:
-            return _AdapterDisabled(self.policy.model)
-        return contextlib.nullcontext(self.policy.model)
+        return reference_model(self.policy, self.reference)
 
     # --- scoring ---
 
     def reply_logprob(self, prompt_ids: list[int], reply: str, use_reference: bool = False) -> float:
         """log p(reply | prompt), the reply formatted and closed with EOS as in training."""
-        import torch
-
         reply_ids = self.tokenizer(
             format_response(reply, self.tokenizer) + self.tokenizer.eos_token, add_special_tokens=False
         )["input_ids"]
-        ids = torch.tensor([prompt_ids + reply_ids], device=self.policy.device)
-        with self._lock, self._reference_mode(use_reference) as model, torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-        logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[0, len(prompt_ids) :, None]).squeeze(-1)
-        return float(logps.sum())
+        with self._lock, self._reference_mode(use_reference) as model:
+            return completion_logps(model, [(prompt_ids, reply_ids)])[0]
 
     def implicit_reward(self, prompt_ids: list[int], reply: str) -> float:
         """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
         policy = self.reply_logprob(prompt_ids, reply)
         reference = self.reply_logprob(prompt_ids, reply, use_reference=True)
         return self.beta * (policy - reference)
-
-
-class _AdapterDisabled:
-    """``with`` the PEFT model with its adapter switched off (the reference, no second copy in memory)."""
-
-    def __init__(self, model):
-        self.model = model
-        self._context = None
-
-    def __enter__(self):
-        self._context = self.model.disable_adapter()
-        self._context.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        return self._context.__exit__(*exc)
 
 
 def pick_dtype(name: str, device: str):
