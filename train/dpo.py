@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     from trl import DPOTrainer, get_peft_config
 
     from dpo_space.models import load_causal_lm, load_tokenizer
+    from train.card import write_card
+    from train.report import write_report
 
     name = model_args.model_name_or_path
     tokenizer = load_tokenizer(name)
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             record_adapter_base(training_args.output_dir, name)
         write_results(training_args.output_dir, result.metrics, eval_metrics, trainer.state.log_history)
         write_run_config(training_args.output_dir, script_args, training_args, model_args)
+        write_report([Path(training_args.output_dir)], Path(training_args.output_dir) / "report", title=name)
+        write_card(training_args.output_dir)
         logger.info("Saved to %s", training_args.output_dir)
 
 

