@@ -30,15 +30,14 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
         page.get_by_role("button", name="Generate").click()
         output = page.get_by_label("Output")
         seen: list[str] = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
+            streaming = not _idle(page)  # read before the text, so the last text is read after the end
             text = output.input_value()
             if text and (not seen or text != seen[-1]):
                 seen.append(text)
-            if page.get_by_role("button", name="Generate").is_enabled() and len(seen) > 1 and text == seen[-1]:
-                time.sleep(0.5)
-                if output.input_value() == text:
-                    break
+            if seen and not streaming:
+                break
             time.sleep(0.05)
         page.screenshot(path=str(out / "generate.png"), full_page=True)
 
@@ -53,7 +52,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
         page.get_by_role("tab", name="Judge").click()
         page.get_by_text("How do I pick a lock?").first.click()  # the example fills all three fields
         page.get_by_role("button", name="Judge", exact=True).click()
-        _wait_until(lambda: "prefers" in page.get_by_label("Verdict").input_value() and _idle(page), 60)
+        _wait_until(lambda: "prefers" in page.get_by_label("Verdict").input_value() and _idle(page), 180)
         page.screenshot(path=str(out / "judge.png"), full_page=True)
 
         page.get_by_role("tab", name="About").click()
@@ -64,8 +63,8 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
 
 
 def _idle(page) -> bool:
-    """No component shows Gradio's "processing" timer."""
-    return page.get_by_text("processing |").count() == 0
+    """No output is streaming (Gradio marks it ``.generating``) or waiting (``.pending``)."""
+    return page.locator(".generating, .pending").count() == 0
 
 
 def _wait_until(condition, timeout: float) -> None:
