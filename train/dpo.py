@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dpo_space.models import load_causal_lm, load_tokenizer
     from train.card import write_card
+    from train.checkpoints import checkpoint_safe, resolve_resume
     from train.report import write_report
 
     name = model_args.model_name_or_path
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    trainer = DPOTrainer(
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    trainer = checkpoint_safe(DPOTrainer)(
         model=model,
         ref_model=ref_model,
         args=training_args,
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_dataset is not None else None
 
     trainer.save_model(training_args.output_dir)

@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from train.checkpoints import last_complete_checkpoint
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,19 +43,13 @@ def point_name(point: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in point.items())
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
 def point_command(config: str, point: dict[str, str], run_dir: Path, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "train.dpo", "--config", config, *extra]
     for key, value in point.items():
         command += [f"--{key}", value]
     command += ["--output_dir", str(run_dir)]
-    checkpoint = last_checkpoint(run_dir)
-    if checkpoint is not None:
-        command += ["--resume_from_checkpoint", str(checkpoint)]
+    if last_complete_checkpoint(run_dir) is not None:
+        command += ["--resume_from_checkpoint", "last"]
     return command
 
 

@@ -1,0 +1,64 @@
+"""Checkpoints that are never half-written and loadable.
+
+The Trainer writes ``checkpoint-N`` in place. ``CheckpointSafety`` marks the folder ``.incomplete`` before
+the Trainer writes anything into it and removes the mark only after the last file (``trainer_state.json``),
+so a run killed while saving leaves a folder that resuming and loading refuse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpo_space.models import INCOMPLETE_MARKER as INCOMPLETE
+
+PREFIX = "checkpoint-"
+
+
+def is_incomplete(folder: str | Path) -> bool:
+    return (Path(folder) / INCOMPLETE).exists()
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    suffix = folder.name.removeprefix(PREFIX)
+    return int(suffix) if folder.name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+def last_complete_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step that was completely written, or None."""
+    run_dir = Path(run_dir)
+    complete = [
+        p for p in run_dir.glob(f"{PREFIX}*")
+        if checkpoint_step(p) is not None and not is_incomplete(p) and (p / "trainer_state.json").is_file()
+    ]  # fmt: skip
+    return max(complete, key=checkpoint_step, default=None)
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """``--resume_from_checkpoint``: a folder, or ``last`` (the last complete checkpoint in ``output_dir``)."""
+    if value is None:
+        return None
+    if value in ("last", "true", "True"):
+        found = last_complete_checkpoint(output_dir)
+        return str(found) if found else None
+    folder = Path(value)
+    if not (folder / "trainer_state.json").is_file() or is_incomplete(folder):
+        raise ValueError(
+            f"checkpoint {value!r} is missing or was not completely written (the run was killed while saving); "
+            f"resume from an earlier one or use --resume_from_checkpoint last"
+        )
+    return value
+
+
+def checkpoint_safe(trainer_class):
+    """A subclass of ``trainer_class`` whose checkpoints carry the ``.incomplete`` mark while being written."""
+
+    class CheckpointSafety(trainer_class):
+        def _save_checkpoint(self, model, trial):
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX}{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / INCOMPLETE).write_text("being written; not loadable\n")
+            super()._save_checkpoint(model, trial)
+            (folder / INCOMPLETE).unlink()
+
+    CheckpointSafety.__name__ = f"CheckpointSafe{trainer_class.__name__}"
+    return CheckpointSafety
