@@ -21,16 +21,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model_id: str, timeout: float = 300, **env: str):
-    """Yield the URL of ``app.py`` serving ``model_id``; its log is in ``proc.log_path``."""
+def running_app(model_id: str, timeout: float = 300, preamble: str = "", **env: str):
+    """Yield the URL of ``app.py`` serving ``model_id``; its log is in ``proc.log_path``.
+
+    ``preamble``: Python run in the server process before the app (to inject faults in tests)."""
     port = free_port()
     log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"app-{port}.log"
     full_env = {**os.environ, "MODEL_ID": model_id, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
                 "GRADIO_ANALYTICS_ENABLED": "False", **env}  # fmt: skip
+    command = [sys.executable, "app.py"]
+    if preamble:
+        command = [sys.executable, "-c", f"{preamble}\nimport runpy\nrunpy.run_path('app.py', run_name='__main__')"]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout

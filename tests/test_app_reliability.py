@@ -1,0 +1,193 @@
+"""The Space under load, disconnects, hostile input, a crashing model, and what it must never reveal."""
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.load import run_load
+from tests.server import ROOT, running_app
+
+SECRET = "hf_neverShowThisToken0123456789abcdef"
+GREEDY = [16, 0.0, 1.0, 0, 1.0, 0, 0]
+CRASH_PREAMBLE = """
+from transformers import AutoTokenizer, LlamaForCausalLM
+from dpo_space.models import resolve
+_crash_ids = set(AutoTokenizer.from_pretrained(resolve("tiny"))(" Xylophone", add_special_tokens=False).input_ids)
+_forward = LlamaForCausalLM.forward
+def forward(self, input_ids=None, *args, **kwargs):
+    if input_ids is not None and _crash_ids <= set(input_ids[0].tolist()):
+        raise RuntimeError("injected fault in forward")
+    return _forward(self, input_ids, *args, **kwargs)
+LlamaForCausalLM.forward = forward
+"""
+
+
+@pytest.fixture(scope="module")
+def app(tiny_adapter):
+    with running_app(tiny_adapter, preamble=CRASH_PREAMBLE, HF_TOKEN=SECRET, QUEUE_MAX_SIZE="16") as (url, proc):
+        yield url, proc
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app[0], verbose=False)
+
+
+def active(client) -> int:
+    return client.predict(api_name="/info")["active_generations"]
+
+
+def sse_call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, object]:
+    """Call an endpoint over Gradio's plain HTTP API; return the final event and its payload."""
+    with httpx.Client(base_url=url, timeout=timeout) as http:
+        posted = http.post(f"gradio_api/call/{api}", content=json.dumps(data, allow_nan=True),
+                           headers={"content-type": "application/json"})  # fmt: skip
+        if posted.status_code != 200:
+            return f"http {posted.status_code}", posted.text
+        event, payload = None, None
+        with http.stream("GET", f"gradio_api/call/{api}/{posted.json()['event_id']}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event in ("complete", "error"):
+                    return event, json.loads(line.removeprefix("data: "))
+    return event or "no event", payload
+
+
+def test_32_concurrent_users_are_served_or_told_busy_and_memory_stays_flat(app):
+    url, proc = app
+    result = run_load(url, proc.pid, users=32, requests=2, rounds=3, max_new_tokens=8)
+    print("load:", json.dumps(result))
+    assert set(result["outcomes"]) <= {"completed", "busy"}, result["outcomes"]
+    assert result["outcomes"]["completed"] >= 16 * 3
+    first_round, last_round = result["rss_mb"][1], result["rss_mb"][-1]
+    assert last_round < first_round * 1.10 + 30, result["rss_mb"]  # no growth across rounds
+    assert result["single_request_s_after"] < result["single_request_s_before"] * 2 + 0.2
+
+
+def test_a_client_that_drops_mid_stream_frees_the_worker(app, client):
+    url, _ = app
+    baseline = time.monotonic()
+    client.predict("Hi", "Assistant reply", *GREEDY, api_name="/generate")
+    baseline = time.monotonic() - baseline
+    with httpx.Client(base_url=url, timeout=60) as http:
+        data = ["Once upon a time", "Continue text", 1024, 0.0, 1.0, 0, 1.3, 0, 0]
+        event_id = http.post("gradio_api/call/generate", json={"data": data}).json()["event_id"]
+        with http.stream("GET", f"gradio_api/call/generate/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and len(line) > 20:
+                    break  # the first tokens arrived; now vanish
+    dropped = time.monotonic()
+    while active(client) and time.monotonic() - dropped < 10:
+        time.sleep(0.02)
+    freed = time.monotonic() - dropped
+    print(f"worker freed {freed:.3f} s after the client dropped")
+    assert freed < 1.0
+    started = time.monotonic()
+    client.predict("Hi", "Assistant reply", *GREEDY, api_name="/generate")
+    assert time.monotonic() - started < baseline * 3 + 0.5  # not delayed by the abandoned generation
+
+
+def test_a_model_that_raises_gives_a_clear_error_and_the_server_goes_on(client):
+    started = time.monotonic()
+    with pytest.raises(Exception) as error:
+        client.predict("Play the Xylophone", "Continue text", *GREEDY, api_name="/generate")
+    assert "the model failed while generating (RuntimeError); try again" in str(error.value)
+    assert "Traceback" not in str(error.value) and "injected" not in str(error.value)
+    assert time.monotonic() - started < 60  # well within STREAM_TIMEOUT
+    assert client.predict("Hi", "Assistant reply", *GREEDY, api_name="/generate") is not None
+
+
+KNOWN_ERRORS = ("must be", "is empty", "limit is", "mode must be one of")
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.none(), st.booleans(),
+    st.text(max_size=8), st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+texts = st.one_of(st.text(max_size=300), st.sampled_from(["", " \t\n", "\x00\x01\x1b[2J", "a" * 1_000_000]),
+                  numbers)  # fmt: skip
+
+
+def short(values: list) -> list:
+    """Keep valid generations short: a max_new_tokens in (8, 1024] becomes 8 (the range is still tested)."""
+    first = values[0]
+    if isinstance(first, int | float) and not isinstance(first, bool) and 8 < first <= 1024:
+        values = [8, *values[1:]]
+    return values
+
+
+def check_outcome(app, event, payload):
+    assert not event.startswith("http 5"), (event, payload)
+    if event == "error":
+        message = str(payload)
+        assert any(k in message for k in KNOWN_ERRORS) or message == "None", message
+        assert "Traceback" not in message and 'File "' not in message
+    else:
+        assert event == "complete" or event.startswith("http 4"), (event, payload)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=texts, mode=st.one_of(st.sampled_from(["Assistant reply", "Continue text"]), texts),
+       values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 9))  # fmt: skip
+def test_hostile_generate_input(app, prompt, mode, values, keep):
+    event, payload = sse_call(app[0], "generate", [prompt, mode, *short(values)][:keep])
+    check_outcome(app, event, payload)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=texts, values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 8))
+def test_hostile_compare_input(app, prompt, values, keep):
+    event, payload = sse_call(app[0], "compare", [prompt, *short(values)][:keep])
+    check_outcome(app, event, payload)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=texts, a=texts, b=texts, keep=st.integers(0, 3))
+def test_hostile_judge_input(app, prompt, a, b, keep):
+    event, payload = sse_call(app[0], "judge", [prompt, a, b][:keep])
+    check_outcome(app, event, payload)
+
+
+def test_the_server_still_serves_after_the_hostile_input(client):
+    assert client.predict("Hi", "Assistant reply", *GREEDY, api_name="/generate") is not None
+
+
+def test_the_token_never_appears_in_responses_or_logs(app, client):
+    url, proc = app
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("", "Assistant reply", *GREEDY, api_name="/generate")
+    responses = [json.dumps(client.predict(api_name="/info")), httpx.get(url + "config").text, httpx.get(url).text]
+    assert all(SECRET not in r for r in responses)
+    assert SECRET not in proc.log_path.read_text()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", str(ROOT / "app.py"), str(Path.home() / ".cache")])
+def test_no_files_are_served_outside_what_the_app_needs(app, path):
+    response = httpx.get(f"{app[0]}gradio_api/file={path}")
+    assert response.status_code in (403, 404), (path, response.status_code)
+
+
+def test_weights_load_from_safetensors_only(tmp_path, tiny_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from dpo_space.models import load_causal_lm
+
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(Path(tiny_path) / name, tmp_path / name)
+    torch.save(load_file(Path(tiny_path) / "model.safetensors"), tmp_path / "pytorch_model.bin")  # a pickle
+    with pytest.raises(OSError):
+        load_causal_lm(str(tmp_path))
+
+
+def test_no_code_ever_trusts_remote_code():
+    sources = [*ROOT.glob("*.py"), *ROOT.glob("dpo_space/*.py"), *ROOT.glob("train/*.py")]
+    offenders = [p.name for p in sources if "trust_remote_code=True" in p.read_text().replace(" ", "")]
+    assert not offenders
