@@ -229,11 +229,10 @@ def main() -> None:
         max_size=int(os.environ.get("QUEUE_MAX_SIZE", "16")),
         default_concurrency_limit=int(os.environ.get("CONCURRENCY", "1")),
     )
-    plots_dir = os.path.abspath(args.model) if os.path.isdir(args.model) else None
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=args.port,
-        allowed_paths=[plots_dir] if plots_dir else None,
+        allowed_paths=[str(p) for p in serving.training_plots(args.model)],  # the plots, not the weights beside them
         show_error=True,
         theme=gr.themes.Soft(),
     )

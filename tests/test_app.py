@@ -143,3 +143,15 @@ def test_the_default_embedded_space_answers_sensibly():
         assert "Paris" in reply
         info = client.predict(api_name="/info")
         assert info["model"] == "embedded" and info["parameters"] == 134_515_008
+
+
+def test_the_example_client_script_runs_against_the_app(app):
+    import subprocess
+    import sys
+
+    from tests.server import ROOT
+
+    proc = subprocess.run([sys.executable, "examples/client.py", app[0]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "The DPO model prefers" in proc.stdout and "active_generations" in proc.stdout

@@ -56,6 +56,11 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
+def test_precomputed_reference_log_probs_train(tmp_path, tiny_path):
+    results = run_tiny(tmp_path, "--precompute_ref_log_probs", "true", "--max_steps", "2")
+    assert math.isfinite(results["train_loss"]) and DPO_KEYS <= results.keys()
+
+
 def test_resume_continues_from_the_checkpoint_step(tmp_path, tiny_path):
     run_tiny(tmp_path, "--max_steps", "2")
     checkpoint = tmp_path / "checkpoint-2"
