@@ -10,6 +10,8 @@ GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 
 import argparse
+import functools
+import inspect
 import logging
 import os
 
@@ -30,36 +32,29 @@ engine: Engine | None = None
 
 
 def user_errors(fn):
-    """Turn ``ValueError``/``GenerationError`` into ``gr.Error`` so users see a message, never a trace."""
-    import functools
-    import inspect
-
-    def convert(e: Exception):
-        return gr.Error(str(e)) if isinstance(e, ValueError | serving.GenerationError) else e
-
-    if inspect.isgeneratorfunction(fn):
-
-        @functools.wraps(fn)
-        def gen_wrapper(*args):
-            try:
-                yield from fn(*args)
-            except (ValueError, serving.GenerationError) as e:
-                raise convert(e) from None
-
-        return gen_wrapper
+    """Show ``ValueError``/``GenerationError`` as ``gr.Error``: users see the message, never a trace."""
+    errors = (ValueError, serving.GenerationError)
 
     @functools.wraps(fn)
-    def wrapper(*args):
+    def stream(*args):
+        try:
+            yield from fn(*args)
+        except errors as e:
+            raise gr.Error(str(e)) from None
+
+    @functools.wraps(fn)
+    def call(*args):
         try:
             return fn(*args)
-        except (ValueError, serving.GenerationError) as e:
-            raise convert(e) from None
+        except errors as e:
+            raise gr.Error(str(e)) from None
 
-    return wrapper
+    return stream if inspect.isgeneratorfunction(fn) else call
 
 
-def prepare(prompt, mode, **settings_values):
-    settings = GenerationSettings.validated(**settings_values)
+def prepare(prompt, mode, values: dict):
+    """Validate the settings found in ``values`` (an endpoint's arguments) and build the prompt."""
+    settings = GenerationSettings.validated(**{name: values[name] for name in GenerationSettings.RANGES})
     prepared = engine.prepare(prompt, mode, settings.max_new_tokens)
     if prepared.dropped_tokens:
         kept = len(prepared.input_ids)
@@ -81,10 +76,7 @@ def generate(
     seed: int = DEFAULTS.seed,
 ):
     """Stream the model's reply to `prompt`. mode: "Assistant reply" or "Continue text"; temperature 0 = greedy."""
-    prepared, settings = prepare(
-        prompt, mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-    )  # fmt: skip
+    prepared, settings = prepare(prompt, mode, locals())
     yield from engine.stream(prepared, settings)
 
 
@@ -101,10 +93,7 @@ def compare(
     seed: int = DEFAULTS.seed,
 ):
     """Stream the DPO model's and the reference's replies (same settings and seed), then their implicit rewards."""
-    prepared, settings = prepare(
-        prompt, MODE_REPLY, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size, seed=seed,
-    )  # fmt: skip
+    prepared, settings = prepare(prompt, MODE_REPLY, locals())
     policy_text = reference_text = ""
     for policy_text in engine.stream(prepared, settings):
         yield policy_text, "", None, None

@@ -64,3 +64,12 @@ def reference_model(policy, reference=None):
     if policy.is_adapter:
         return AdapterDisabled(policy.model)
     return contextlib.nullcontext(policy.model)
+
+
+def reference_label(policy, reference=None) -> str:
+    """What ``reference_model`` gives, in words."""
+    if reference is not None:
+        return reference.name
+    if policy.is_adapter:
+        return f"{policy.base} (adapter disabled)"
+    return f"{policy.name} (no separate reference: the policy itself)"

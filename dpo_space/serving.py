@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dpo_space.models import LoadedModel, load_model
 from dpo_space.prompts import format_response, format_user_prompt
-from dpo_space.scoring import completion_logps, reference_model
+from dpo_space.scoring import completion_logps, reference_label, reference_model
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Engine:
         self.max_input_tokens = max_input_tokens
         self.stream_timeout = float(os.environ.get("STREAM_TIMEOUT", "60"))
         self._lock = threading.Lock()  # one generation at a time: the adapter toggle is global to the model
+        self._count_lock = threading.Lock()
         self.active_generations = 0
 
     # --- loading ---
@@ -139,11 +140,7 @@ class Engine:
 
     @property
     def reference_label(self) -> str:
-        if self.reference is not None:
-            return self.reference.name
-        if self.policy.is_adapter:
-            return f"{self.policy.base} (adapter disabled)"
-        return f"{self.policy.name} (no separate reference: the policy itself)"
+        return reference_label(self.policy, self.reference)
 
     def info(self) -> dict:
         model = self.policy.model
@@ -209,9 +206,11 @@ class Engine:
                 failure.append(e)
                 streamer.end()
             finally:
-                self.active_generations -= 1
+                with self._count_lock:
+                    self.active_generations -= 1
 
-        self.active_generations += 1
+        with self._count_lock:
+            self.active_generations += 1
         thread = threading.Thread(target=run, name="generate", daemon=True)
         thread.start()
         text = ""

@@ -223,6 +223,7 @@ def main(argv=None) -> dict:
     import torch
 
     from dpo_space.models import load_model
+    from dpo_space.scoring import reference_label
     from dpo_space.serving import pick_dtype, recorded_beta, recorded_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     loaded = load_model(args.model, dtype=dtype, device=device)
     ref_id = args.ref or recorded_reference(args.model)
     reference = load_model(ref_id, dtype=dtype, device=device) if ref_id else None
-    ref_label = ref_id or (f"{loaded.base} (adapter disabled)" if loaded.is_adapter else f"{args.model} (itself)")
+    ref_label = reference_label(loaded, reference)
     beta = args.beta if args.beta is not None else recorded_beta(args.model)
 
     rows = held_out_rows(args, loaded.tokenizer)
