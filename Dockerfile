@@ -8,7 +8,7 @@ RUN pip install --no-cache-dir -r requirements.txt \
 COPY app.py .
 COPY dpo_space/ dpo_space/
 COPY models/ models/
-ENV GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 DPO_SPACE_CACHE=/app/.cache
+ENV GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 DPO_SPACE_CACHE=/app/.cache MALLOC_ARENA_MAX=2
 # Convert the embedded GGUF once at build time, so the container starts in seconds.
 RUN python -c "from dpo_space.models import resolve; resolve('embedded')"
 EXPOSE 7860

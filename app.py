@@ -3,7 +3,7 @@
     python app.py [--model MODEL_ID] [--port 7860]
 
 Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``), REF_MODEL_ID,
-DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT,
+DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT, STATE_SESSION_CAPACITY,
 GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
 """
 
@@ -223,6 +223,9 @@ def main() -> None:
         server_port=args.port,
         allowed_paths=[str(p) for p in serving.training_plots(args.model)],  # the plots, not the weights beside them
         show_error=True,
+        # Gradio keeps per-session data for this many sessions (default 10,000); our endpoints are stateless,
+        # so a small cap keeps the server's memory flat under many short-lived clients.
+        state_session_capacity=int(os.environ.get("STATE_SESSION_CAPACITY", "64")),
         theme=gr.themes.Soft(),
     )
 
