@@ -55,7 +55,8 @@ def plot(summaries: list[dict], key: str, title: str, path: Path) -> None:
             ax.plot(*zip(*points, strict=True), marker=".", label=summary["run"])
     ax.set(title=title, xlabel="step", ylabel=key)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
