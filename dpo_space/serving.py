@@ -235,19 +235,17 @@ class Engine:
 
     # --- scoring ---
 
-    def reply_logprob(self, prompt_ids: list[int], reply: str, use_reference: bool = False) -> float:
-        """log p(reply | prompt), the reply formatted and closed with EOS as in training."""
+    def implicit_reward(self, prompt_ids: list[int], reply: str) -> float:
+        """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)), the reply formatted and closed with EOS
+        as in training."""
         reply_ids = self.tokenizer(
             format_response(reply, self.tokenizer) + self.tokenizer.eos_token, add_special_tokens=False
         )["input_ids"]
-        with self._lock, self._reference_mode(use_reference) as model:
-            return completion_logps(model, [(prompt_ids, reply_ids)])[0]
-
-    def implicit_reward(self, prompt_ids: list[int], reply: str) -> float:
-        """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x))."""
-        policy = self.reply_logprob(prompt_ids, reply)
-        reference = self.reply_logprob(prompt_ids, reply, use_reference=True)
-        return self.beta * (policy - reference)
+        logps = []
+        for use_reference in (False, True):
+            with self._lock, self._reference_mode(use_reference) as model:
+                logps += completion_logps(model, [(prompt_ids, reply_ids)])
+        return self.beta * (logps[0] - logps[1])
 
 
 def pick_dtype(name: str, device: str):

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.checkpoints import checkpoint_safe, resolve_resume
     from train.report import write_report
 
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
     name = model_args.model_name_or_path
     tokenizer = load_tokenizer(name)
     train_dataset, eval_dataset = load_pairs(script_args, tokenizer, training_args.seed)
@@ -144,7 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer = checkpoint_safe(DPOTrainer)(
         model=model,
         ref_model=ref_model,

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import statistics
+from contextlib import nullcontext
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def generation_samples(loaded, reference, rows: list[dict], max_new_tokens: int,
         ids = tok(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(loaded.device)
         for decoding, kwargs in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_p": 0.9})):
             for who in ("policy", "reference"):
-                context = reference_model(loaded, reference) if who == "reference" else _same(loaded.model)
+                context = reference_model(loaded, reference) if who == "reference" else nullcontext(loaded.model)
                 with context as model, torch.no_grad():
                     torch.manual_seed(seed + i)
                     out = model.generate(
@@ -114,12 +115,6 @@ def generation_samples(loaded, reference, rows: list[dict], max_new_tokens: int,
                                 "tokens": len(new), "distinct_2": distinct_n(words, 2),
                                 "repeated_4gram_share": repeated_ngram_share(words, 4)})  # fmt: skip
     return samples
-
-
-def _same(model):
-    import contextlib
-
-    return contextlib.nullcontext(model)
 
 
 def generation_metrics(samples: list[dict]) -> dict:
@@ -206,14 +201,12 @@ def held_out_rows(args, tokenizer) -> list[dict]:
         dataset_train_split=args.split,
         dataset_test_split=None,
         eval_fraction=args.eval_fraction,
+        max_samples=args.max_samples,
         max_eval_samples=args.max_samples,
         skip_bad_rows=True,
     )
-    if args.eval_fraction > 0:
-        _, evaluation = load_pairs(script, tokenizer, args.seed)
-        return list(evaluation)
-    train, _ = load_pairs(ScriptArguments(**{**vars(script), "max_samples": args.max_samples}), tokenizer, args.seed)
-    return list(train)
+    train, held_out = load_pairs(script, tokenizer, args.seed)
+    return list(held_out if args.eval_fraction > 0 else train)  # a whole split (Hub test) loads as "train"
 
 
 def main(argv=None) -> dict:
