@@ -3,7 +3,8 @@
     python app.py [--model MODEL_ID] [--port 7860]
 
 Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``), REF_MODEL_ID,
-DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT, STATE_SESSION_CAPACITY,
+DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, MAX_BATCH, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT,
+STATE_SESSION_CAPACITY,
 GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
 """
 
@@ -117,6 +118,14 @@ def judge(prompt, response_a, response_b):
     return f"The DPO model prefers {winner} by a margin of {abs(reward_a - reward_b):.4f}.", reward_a, reward_b
 
 
+async def malformed_request(request, exc):
+    """FastAPI's default 422 echoes the input, and fails with a 500 when it holds NaN or infinity."""
+    from fastapi.responses import JSONResponse
+
+    problems = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()]
+    return JSONResponse({"error": "malformed request", "problems": problems}, status_code=422)
+
+
 def info() -> dict:
     """What is loaded, and the model's shipped held-out metrics."""
     return {**engine.info(), "metrics": serving.training_metrics(engine.policy.name)}
@@ -206,6 +215,8 @@ def build_ui() -> gr.Blocks:
 
 def main() -> None:
     global engine
+    from fastapi.exceptions import RequestValidationError
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL_ID", DEFAULT_MODEL_ID))
@@ -216,7 +227,8 @@ def main() -> None:
     demo = build_ui()
     demo.queue(
         max_size=int(os.environ.get("QUEUE_MAX_SIZE", "16")),
-        default_concurrency_limit=int(os.environ.get("CONCURRENCY", "1")),
+        # as many requests at once as the engine batches together (MAX_BATCH); more wait in the queue
+        default_concurrency_limit=int(os.environ.get("CONCURRENCY", engine.max_batch)),
     )
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -227,6 +239,7 @@ def main() -> None:
         # so a small cap keeps the server's memory flat under many short-lived clients.
         state_session_capacity=int(os.environ.get("STATE_SESSION_CAPACITY", "64")),
         theme=gr.themes.Soft(),
+        app_kwargs={"exception_handlers": {RequestValidationError: malformed_request}},
     )
 
 

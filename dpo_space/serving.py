@@ -7,15 +7,18 @@ the app shows them with ``gr.Error``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from dpo_space.batching import END, Batcher, Request
 from dpo_space.models import LoadedModel, load_model
 from dpo_space.prompts import format_response, format_user_prompt
 from dpo_space.scoring import completion_logps, reference_label, reference_model
@@ -115,9 +118,10 @@ class Engine:
         self.beta = beta
         self.max_input_tokens = max_input_tokens
         self.stream_timeout = float(os.environ.get("STREAM_TIMEOUT", "60"))
-        self._lock = threading.Lock()  # one generation at a time: the adapter toggle is global to the model
+        self.max_batch = int(os.environ.get("MAX_BATCH", "8"))
+        self._lock = threading.Lock()  # one batch or scoring at a time: the adapter toggle is global to the model
         self._count_lock = threading.Lock()
-        self.active_generations = 0
+        self._requests: set[Request] = set()
 
     # --- loading ---
 
@@ -154,6 +158,7 @@ class Engine:
             "parameters": sum(p.numel() for p in model.parameters()),
             "beta": self.beta,
             "max_input_tokens": self.max_input_tokens,
+            "max_batch": self.max_batch,
             "active_generations": self.active_generations,
         }
 
@@ -174,58 +179,51 @@ class Engine:
     def stream(
         self, prompt: PreparedPrompt, settings: GenerationSettings, use_reference: bool = False
     ) -> Iterator[str]:
-        """Yield the growing reply. Closing the iterator (Stop, a closed tab) stops the model within a token."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        stop = threading.Event()
-
-        class StopOnEvent(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
-
-        streamer = TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self.stream_timeout
-        )
-        failure: list[BaseException] = []
-
-        def run():
-            try:
-                with self._lock, self._reference_mode(use_reference) as active:
-                    torch.manual_seed(settings.seed)
-                    input_ids = torch.tensor([prompt.input_ids], device=self.policy.device)
-                    active.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        **settings.generate_kwargs(),
-                    )
-            except BaseException as e:  # reported to the consumer below
-                failure.append(e)
-                streamer.end()
-            finally:
-                with self._count_lock:
-                    self.active_generations -= 1
-
+        """Yield the growing reply. Concurrent streams are batched together. Closing the iterator (Stop, a closed
+        tab) ends this stream at the next token and leaves the others running."""
+        request = Request(prompt.input_ids, settings, use_reference)
         with self._count_lock:
-            self.active_generations += 1
-        thread = threading.Thread(target=run, name="generate", daemon=True)
-        thread.start()
-        text = ""
+            self._requests.add(request)
+        self.batcher.submit(request)
+        tokens, text = [], ""
         try:
-            for piece in streamer:
-                text += piece
-                yield text
-        except Exception as e:  # queue.Empty: no token within the timeout
-            raise GenerationError(f"the model produced nothing for {self.stream_timeout:g} s; try again") from e
+            while True:
+                try:
+                    item = request.tokens.get(timeout=self.stream_timeout)
+                except queue.Empty:
+                    raise GenerationError(
+                        f"the model produced nothing for {self.stream_timeout:g} s; try again"
+                    ) from None
+                if item is END:
+                    break
+                if isinstance(item, BaseException):
+                    logger.error("generation failed", exc_info=item)
+                    raise GenerationError(
+                        f"the model failed while generating ({type(item).__name__}); try again"
+                    ) from item
+                tokens.append(item)
+                decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if decoded != text and not decoded.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                    text = decoded
+                    yield text
         finally:
-            stop.set()
-            thread.join(timeout=5)
-        if failure:
-            logger.error("generation failed", exc_info=failure[0])
-            raise GenerationError(f"the model failed while generating ({type(failure[0]).__name__}); try again")
+            self.batcher.withdraw(request)
+
+    @property
+    def active_generations(self) -> int:
+        """Requests the model is still working on (a stopped one counts until the model has let it go)."""
+        with self._count_lock:
+            self._requests = {r for r in self._requests if not r.finished.is_set()}
+            return len(self._requests)
+
+    @functools.cached_property
+    def batcher(self) -> Batcher:
+        tokenizer = self.tokenizer
+        eos = self.policy.model.generation_config.eos_token_id
+        eos_ids = [tokenizer.eos_token_id] + [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        return Batcher(self._reference_mode, self._lock, pad_id, list(dict.fromkeys(eos_ids)), self.max_batch,
+                       wait_s=0.01)  # fmt: skip
 
     def _reference_mode(self, use_reference: bool):
         """A context giving the model to run: the policy, or its reference."""

@@ -120,7 +120,7 @@ def test_stop_ends_the_server_side_generation(client):
 
 
 def test_a_full_queue_answers_busy(tiny_adapter):
-    with running_app(tiny_adapter, QUEUE_MAX_SIZE="1") as (url, _):
+    with running_app(tiny_adapter, QUEUE_MAX_SIZE="1", CONCURRENCY="1") as (url, _):
         client = Client(url, verbose=False)
         long = {**GREEDY, "max_new_tokens": 1024, "repetition_penalty": 1.3}
         jobs = [client.submit("Once", "Continue text", *long.values(), api_name="/generate") for _ in range(4)]

@@ -1,13 +1,14 @@
 """The Space under load, disconnects, hostile input, a crashing model, and what it must never reveal."""
 
 import json
+import math
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from gradio_client import Client
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bench.load import run_load
@@ -134,6 +135,7 @@ def check_outcome(app, event, payload):
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=texts, mode=st.one_of(st.sampled_from(["Assistant reply", "Continue text"]), texts),
        values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 9))  # fmt: skip
+@example(prompt="", mode=None, values=[0.0, 0.0, math.inf, 0.0, 0.0, 0.0, 0.0], keep=5)  # once a 500: 422 echoed inf
 def test_hostile_generate_input(app, prompt, mode, values, keep):
     event, payload = sse_call(app[0], "generate", [prompt, mode, *short(values)][:keep])
     check_outcome(app, event, payload)

@@ -96,6 +96,8 @@ def test_closing_the_stream_stops_the_model_within_a_second(engine):
     next(stream)
     started = time.monotonic()
     stream.close()  # what Gradio does on Stop or a closed tab
+    while engine.active_generations and time.monotonic() - started < 5:
+        time.sleep(0.005)
     assert engine.active_generations == 0 and time.monotonic() - started < 1.0
 
 
@@ -138,3 +140,57 @@ def test_implicit_reward_matches_a_direct_computation(engine, tiny_adapter, tiny
     expected = engine.beta * (logp(policy) - logp(base))
     assert abs(expected) > 1e-3  # the adapter moved the model: a zero would prove nothing
     assert engine.implicit_reward(prompt_ids, reply) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def direct_greedy(engine, prompt_ids: list[int], **kwargs) -> str:
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = engine.policy.model.generate(input_ids=ids, do_sample=False, **kwargs)
+    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def run_together(engine, jobs: list[tuple]) -> list[str]:
+    """Start every stream before reading any, so the batcher sees them at once; return each final text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: ([""] + list(engine.stream(*job)))[-1], jobs))
+
+
+def test_concurrent_streams_are_batched_and_each_equals_its_own_greedy_generate(engine):
+    prompts = ["Hello", "The weather today is", "Once upon a time, in a land far away,", "Why"]
+    lengths = [12, 5, 9, 16]
+    jobs = [
+        (engine.prepare(p, MODE_REPLY, n), GenerationSettings.validated(**{**GREEDY, "max_new_tokens": n}))
+        for p, n in zip(prompts, lengths, strict=True)
+    ]
+    before = len(engine.batcher.batch_sizes)
+    texts = run_together(engine, jobs)
+    assert max(engine.batcher.batch_sizes[before:]) > 1  # they really shared a batch
+    for (prepared, settings), text in zip(jobs, texts, strict=True):
+        assert text == direct_greedy(engine, prepared.input_ids, max_new_tokens=settings.max_new_tokens)
+
+
+def test_each_row_keeps_its_own_penalties_and_seeded_sampling(engine):
+    penalised = {**GREEDY, "max_new_tokens": 16, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    sampled = {**GREEDY, "max_new_tokens": 16, "temperature": 1.0, "top_p": 0.9, "top_k": 20, "seed": 7}
+    prepared = engine.prepare("Tell me a story", MODE_REPLY, 16)
+    jobs = [(prepared, GenerationSettings.validated(**penalised)), (prepared, GenerationSettings.validated(**sampled)),
+            (prepared, GenerationSettings.validated(**GREEDY))]  # fmt: skip
+    together = run_together(engine, jobs)
+    assert together[0] == direct_greedy(engine, prepared.input_ids, max_new_tokens=16, repetition_penalty=1.5,
+                                        no_repeat_ngram_size=2)  # fmt: skip
+    alone = list(engine.stream(*jobs[1]))[-1]
+    assert together[1] == alone  # the seed alone decides a sampled reply, batched or not
+    other_seed = list(engine.stream(prepared, GenerationSettings.validated(**{**sampled, "seed": 8})))[-1]
+    assert other_seed != alone
+
+
+def test_stopping_one_batched_stream_leaves_the_others_running(engine):
+    settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 40})
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 40)
+    stopped = engine.stream(prepared, settings)
+    kept = engine.stream(prepared, settings)
+    next(stopped), next(kept)
+    stopped.close()
+    assert list(kept)[-1] == direct_greedy(engine, prepared.input_ids, max_new_tokens=40)
