@@ -123,3 +123,34 @@ def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
 
     loaded = load_model(str(tmp_path))
     assert loaded.model.config.model_type == "llama" and not loaded.is_adapter
+
+
+def test_two_processes_train_together_and_write_one_checkpoint(tmp_path, tiny_path):
+    """``torchrun --nproc_per_node 2``: two gloo ranks on the CPU, as DDP would run on two GPUs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.dpo",
+               "--config", TINY, "--dataset_name", str(FIXTURE_HH), "--output_dir", str(out)]  # fmt: skip
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Rank 0 of 2 trained 4 steps" in run.stderr and "Rank 1 of 2 trained 4 steps" in run.stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    last = out / "checkpoint-4"
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "trainer_state.json"} <= {
+        p.name for p in last.iterdir()
+    } and not (last / ".incomplete").exists()
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["world_size"] == 2 and math.isfinite(results["train_loss"])
+    assert [e["step"] for e in results["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    assert DPO_KEYS <= results.keys() and (out / "eval_results.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "train" / "accelerate" / f"{name}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected and config.mixed_precision == "bf16"

@@ -55,10 +55,15 @@ def checkpoint_safe(trainer_class):
     class CheckpointSafety(trainer_class):
         def _save_checkpoint(self, model, trial):
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX}{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / INCOMPLETE).write_text("being written; not loadable\n")
+            main = self.is_world_process_zero()  # one process marks; every rank writes its part in between
+            if main:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / INCOMPLETE).write_text("being written; not loadable\n")
+            self.accelerator.wait_for_everyone()
             super()._save_checkpoint(model, trial)
-            (folder / INCOMPLETE).unlink()
+            self.accelerator.wait_for_everyone()
+            if main:
+                (folder / INCOMPLETE).unlink()
 
     CheckpointSafety.__name__ = f"CheckpointSafe{trainer_class.__name__}"
     return CheckpointSafety

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=peft_config,
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    logger.info("Rank %d of %d trained %d steps", training_args.process_index, training_args.world_size,
+                state.global_step)  # fmt: skip
     eval_metrics = trainer.evaluate() if eval_dataset is not None else None
 
     trainer.save_model(training_args.output_dir)
@@ -162,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.save_pretrained(training_args.output_dir)
         if peft_config is not None:
             record_adapter_base(training_args.output_dir, name)
-        write_results(training_args.output_dir, result.metrics, eval_metrics, trainer.state.log_history)
+        metrics = {**result.metrics, "world_size": training_args.world_size}
+        write_results(training_args.output_dir, metrics, eval_metrics, state.log_history)
         write_run_config(training_args.output_dir, script_args, training_args, model_args)
         write_report([Path(training_args.output_dir)], Path(training_args.output_dir) / "report", title=name)
         write_card(training_args.output_dir)
