@@ -7,20 +7,27 @@ Side by side in one run, greedy, on prompts of about 16, 256 and 1,024 tokens:
 - ``project``: this project's path, ``Engine.stream`` (streamed, the Space's default dtype);
 - ``llama.cpp`` on the same GGUF, when ``llama-cpp-python`` is installed (optional).
 Then 1/2/4/8 concurrent ``gradio_client`` users against the real app: aggregate tokens/s and p50/p95 time
-to first token. Prints a table and writes ``bench/results/serve.json``. Figures are only comparable within
-one run: read the ratios, not the absolute times.
+to first token (``--in-process``, or without gradio installed: threads calling the engine directly). Then
+8 prompts at once three ways: a plain padded batch through ``generate`` (non-streaming), the project's
+batcher (8 streams), and transformers' continuous batching (``generate_batch``, after a warm-up call).
+Prints tables and writes ``bench/results/serve.json``. Figures are only comparable within one run: read
+the ratios, not the absolute times.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import importlib.util
 import json
 import os
-import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from bench.machine import describe
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -82,31 +89,82 @@ def llama_cpp_path(prompt: str, new_tokens: int) -> dict | None:
     return {"ttft_s": first - started, "decode_tok_s": (n - 1) / max(end - first, 1e-9), "tokens": n}
 
 
-def concurrent_users(url: str, tokenizer, users: int, new_tokens: int) -> dict:
+def http_user(url: str, tokenizer, prompt: str, new_tokens: int):
+    """One ``gradio_client`` user: (time to first token, tokens received)."""
     from gradio_client import Client
 
-    prompt = prompt_of(tokenizer, 40)
+    client = Client(url, verbose=False)
+    started = time.perf_counter()
+    job = client.submit(prompt, "Continue text", new_tokens, 0.0, 1.0, 0, 1.0, 0, 0, api_name="/generate")
+    first = None
+    while not job.done():
+        if first is None and job.outputs():
+            first = time.perf_counter() - started
+        time.sleep(0.005)
+    text = job.result()
+    return first or time.perf_counter() - started, len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def one(_):
-        client = Client(url, verbose=False)
-        started = time.perf_counter()
-        job = client.submit(prompt, "Continue text", new_tokens, 0.0, 1.0, 0, 1.0, 0, 0, api_name="/generate")
-        first = None
-        while not job.done():
-            if first is None and job.outputs():
-                first = time.perf_counter() - started
-            time.sleep(0.005)
-        text = job.result()
-        return first or time.perf_counter() - started, len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+def engine_user(engine, prompt: str, new_tokens: int):
+    """A user calling the engine in-process: (time to first token, tokens received)."""
+    from dpo_space.serving import MODE_CONTINUE, GenerationSettings
+
+    settings = GenerationSettings.validated(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
+                                            repetition_penalty=1.0, no_repeat_ngram_size=0, seed=0)  # fmt: skip
+    started = time.perf_counter()
+    first, text = None, ""
+    for partial in engine.stream(engine.prepare(prompt, MODE_CONTINUE, new_tokens), settings):
+        first, text = first or time.perf_counter() - started, partial
+    return first or time.perf_counter() - started, len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def concurrent_users(one_user, users: int) -> dict:
+    """``users`` simultaneous calls of ``one_user()``: aggregate tokens/s, p50/p95 time to first token."""
     started = time.perf_counter()
     with ThreadPoolExecutor(users) as pool:
-        results = list(pool.map(one, range(users)))
+        results = list(pool.map(lambda _: one_user(), range(users)))
     wall = time.perf_counter() - started
     ttfts = sorted(t for t, _ in results)
     p95 = ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]
     return {"users": users, "aggregate_tok_s": sum(n for _, n in results) / wall,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": p95}  # fmt: skip
+
+
+def batch_paths(loaded, engine, prompts: list[str], new_tokens: int) -> list[dict]:
+    """The same prompts at once: padded ``generate``, the project's batcher, transformers' continuous batching."""
+    import torch
+    from transformers import GenerationConfig
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    rows = []
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+        wall = time.perf_counter() - started
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    rows.append({"path": "padded generate (not streamed)", "aggregate_tok_s": generated / wall})
+
+    outcome = concurrent_users(lambda: engine_user(engine, prompts[0], new_tokens), len(prompts))
+    rows.append({"path": "project batcher (streamed)", "aggregate_tok_s": outcome["aggregate_tok_s"]})
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    try:
+        model.generate_batch(inputs=ids[:1], generation_config=config)  # warm-up: cache and attention set-up
+        started = time.perf_counter()
+        results = model.generate_batch(inputs=ids, generation_config=config)
+        wall = time.perf_counter() - started
+        generated = sum(len(r.generated_tokens) for r in results.values())
+        rows.append({"path": "transformers continuous batching", "aggregate_tok_s": generated / wall})
+    except Exception as e:  # noqa: BLE001 - an optional comparison: report why it did not run
+        rows.append({"path": "transformers continuous batching", "skipped": f"{type(e).__name__}: {e}"[:200]})
+    finally:
+        model.set_attn_implementation("sdpa")  # generate_batch switches the model to paged attention
+    return rows
 
 
 def main() -> None:
@@ -115,6 +173,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", default="16,256,1024")
     parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--batch", type=int, default=8, help="prompts sent at once in the batching comparison")
+    parser.add_argument("--in-process", action="store_true", help="concurrent users call the engine, not HTTP")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
     args = parser.parse_args()
 
@@ -124,7 +184,8 @@ def main() -> None:
     from dpo_space.serving import Engine
     from tests.server import running_app
 
-    baseline = load_model(args.model, dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = load_model(args.model, dtype=torch.float32, device=device)
     engine = Engine.load(args.model)
     paths = {
         "original": lambda p: original_path(baseline, p, args.new_tokens),
@@ -141,16 +202,26 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
+    prompt = prompt_of(baseline.tokenizer, 40)
+    tokenizer = load_tokenizer(args.model)
+    in_process = args.in_process or importlib.util.find_spec("gradio") is None
     concurrency = []
-    with running_app(args.model) as (url, _):
-        tokenizer = load_tokenizer(args.model)
+    with contextlib.nullcontext(None) if in_process else running_app(args.model) as app:
         for users in map(int, args.concurrency.split(",")):
-            concurrency.append(concurrent_users(url, tokenizer, users, args.new_tokens))
+            if in_process:
+                one = functools.partial(engine_user, engine, prompt, args.new_tokens)
+            else:
+                one = functools.partial(http_user, app[0], tokenizer, prompt, args.new_tokens)
+            concurrency.append({**concurrent_users(one, users), "via": "in-process" if in_process else "HTTP"})
             print(concurrency[-1], flush=True)
 
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    result = {"machine": machine, "model": args.model, "new_tokens": args.new_tokens, "single_stream": rows,
-              "concurrent": concurrency}  # fmt: skip
+    prompts = [prompt_of(baseline.tokenizer, 40 + 3 * i) for i in range(args.batch)]
+    batched = batch_paths(engine.policy, engine, prompts, args.new_tokens)  # same weights and dtype as served
+    for row in batched:
+        print(row, flush=True)
+
+    result = {"machine": describe(), "model": args.model, "new_tokens": args.new_tokens, "single_stream": rows,
+              "concurrent": concurrency, "batch_of": args.batch, "batched": batched}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'path':<10} {'prompt':>6} {'TTFT s':>8} {'decode tok/s':>13}")
@@ -162,6 +233,9 @@ def main() -> None:
         print(
             f"{row['users']:>5} {row['aggregate_tok_s']:>16.1f} {row['ttft_p50_s']:>11.2f} {row['ttft_p95_s']:>11.2f}"
         )
+    print(f"\n{args.batch} prompts at once {'aggregate tok/s':>28}")
+    for row in batched:
+        print(f"{row['path']:<34} {row.get('aggregate_tok_s', float('nan')):>10.1f} {row.get('skipped', '')}")
 
 
 if __name__ == "__main__":

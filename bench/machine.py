@@ -1,0 +1,17 @@
+"""One line naming the machine a benchmark ran on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def describe() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
+    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"

@@ -1,0 +1,101 @@
+"""Training speed: DPO pairs/s, peak RSS and held-out reward accuracy, original configuration vs the project's.
+
+    python -m bench.train [--model embedded] [--pairs 64] [--eval-pairs 64] [--data ../shared/data/hh-rlhf/...]
+
+Each configuration trains in its own process on the same first ``--pairs`` training pairs of the real HH
+sample (same seed, one epoch), then evaluates on the same ``--eval-pairs`` held-out pairs, so a faster
+recipe cannot win by learning less:
+- ``original``: the original recipe (``gpt2-hh.yaml``: batch 1, full fine-tuning with an explicit reference
+  copy, gradient checkpointing, bf16, lr 5e-7) on ``--model``;
+- ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off);
+- ``lora-precomputed-ref``: the same with the reference log-probs computed once before training.
+Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
+within one run, not absolute times across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.machine import describe
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
+CONFIGS = {
+    "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
+                 "--max_length", "512"],
+    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml"],
+    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "true"],
+}  # fmt: skip
+
+
+def run_config(name: str, args, out: Path) -> dict:
+    command = [sys.executable, "-m", "train.dpo", *CONFIGS[name], "--model_name_or_path", args.model,
+               "--dataset_name", str(args.data), "--max_samples", str(args.pairs),
+               "--max_eval_samples", str(args.eval_pairs), "--num_train_epochs", "1", "--max_steps", "-1",
+               "--save_strategy", "no", "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
+    log = out.with_suffix(".log")
+    started = time.perf_counter()
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{name} failed; see {log}:\n{log.read_text()[-2000:]}")
+    train = json.loads((out / "train_results.json").read_text())
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    peak_rss_gb = usage.ru_maxrss / 2**20  # KiB on Linux
+    return {
+        "config": name,
+        "pairs": args.pairs,
+        "train_s": train["train_runtime"],
+        "pairs_per_s": args.pairs / train["train_runtime"],
+        "peak_rss_gb": peak_rss_gb,
+        "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
+        "eval_reward_margin": evaluation["eval_rewards/margins"],
+        "eval_loss": evaluation["eval_loss"],
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--eval-pairs", type=int, default=64)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train.json")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"{args.data}: the HH-RLHF sample is missing; pass --data PATH")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs.split(","):
+            rows.append(run_config(name, args, Path(tmp) / name))
+            print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
+        row["rss_ratio"] = row["peak_rss_gb"] / base["peak_rss_gb"]
+    result = {"machine": describe(), "model": args.model, "pairs": args.pairs, "eval_pairs": args.eval_pairs,
+              "runs": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{result['machine']}; {args.pairs} training pairs, {args.eval_pairs} held out")
+    print(f"{'config':<22} {'pairs/s':>8} {'x orig':>7} {'peak RSS GB':>12} {'x orig':>7} {'held-out acc':>13}")
+    for r in rows:
+        print(f"{r['config']:<22} {r['pairs_per_s']:>8.3f} {r['speedup']:>7.2f} {r['peak_rss_gb']:>12.2f} "
+              f"{r['rss_ratio']:>7.2f} {r['eval_reward_accuracy']:>13.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
