@@ -44,7 +44,7 @@ def original_path(loaded, prompt: str, new_tokens: int) -> dict:
     """Non-streaming generate: the first token reaches the user with the last."""
     import torch
 
-    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(loaded.model.device)
     with torch.no_grad():
         started = time.perf_counter()
         loaded.model(ids)
