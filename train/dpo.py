@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.save_pretrained(training_args.output_dir)
         if peft_config is not None:
             record_adapter_base(training_args.output_dir, name)
-        metrics = {**result.metrics, "world_size": training_args.world_size}
+        metrics = {**result.metrics, "world_size": training_args.world_size, "train_pairs": len(train_dataset),
+                   "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0}  # fmt: skip
         write_results(training_args.output_dir, metrics, eval_metrics, state.log_history)
         write_run_config(training_args.output_dir, script_args, training_args, model_args)
         write_report([Path(training_args.output_dir)], Path(training_args.output_dir) / "report", title=name)
