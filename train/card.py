@@ -92,6 +92,7 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     source = " (a 2,000-pair sample of Anthropic's HH-RLHF harmless-base **test** file, MIT)" if (
         "harmless-base-test" in str(dataset)) else ""  # fmt: skip
     seed = (config.get("training") or {}).get("seed", "?")
+    held_out = metrics.get("pairs") or training.get("eval_pairs", "?")
     content = f"""---
 {data.to_yaml()}
 ---
@@ -104,7 +105,7 @@ aligned with Direct Preference Optimization (TRL `DPOTrainer`) on `{dataset}`.
 ## Training data
 
 Trained on {training.get("train_pairs", "?")} preference pairs of `{dataset}`{source}. The held-out metrics
-below are on {training.get("eval_pairs", "?")} pairs of the same file that training never saw (split with seed {seed}).
+below are on {held_out} pairs of the same file that training never saw (split with seed {seed}).
 
 ## Held-out metrics
 
