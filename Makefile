@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint train-smoke clean
+.PHONY: demo test lint bench train-smoke clean
 
 $(STAMP): requirements.txt requirements-train.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The speed benchmarks (minutes; tables printed, JSON in bench/results/). llama.cpp joins when llama-cpp-python is
+# installed: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON" .venv/bin/pip install llama-cpp-python
+bench: $(STAMP)
+	$(PY) -m bench.serve --model embedded
+	$(PY) -m bench.train --model embedded
 
 lint: $(STAMP)
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
