@@ -27,6 +27,7 @@ class Request:
     use_reference: bool
     tokens: queue.Queue = field(default_factory=queue.Queue)  # token ids, then END or an exception
     stop: threading.Event = field(default_factory=threading.Event)  # asked to stop: Stop, a closed tab
+    started: threading.Event = field(default_factory=threading.Event)  # its batch is running
     finished: threading.Event = field(default_factory=threading.Event)  # the model is done with it
 
 
@@ -186,6 +187,8 @@ class Batcher:
         mask = [[0] * pad + [1] * len(r.prompt_ids) for r, pad in zip(batch, pad_lengths, strict=True)]
         self.batch_sizes.append(len(batch))
         with self.lock, self.model_for(batch[0].use_reference) as model:
+            for request in batch:
+                request.started.set()
             device = model.device
             sampler = RowSampler(batch, pad_lengths, self.eos_ids, device)
             streamer = RowStreamer(batch, self.eos_ids)

@@ -191,6 +191,8 @@ class Engine:
                 try:
                     item = request.tokens.get(timeout=self.stream_timeout)
                 except queue.Empty:
+                    if not request.started.is_set():
+                        continue  # still waiting for its batch: the queue in front bounds the wait
                     raise GenerationError(
                         f"the model produced nothing for {self.stream_timeout:g} s; try again"
                     ) from None
