@@ -194,3 +194,18 @@ def test_stopping_one_batched_stream_leaves_the_others_running(engine):
     next(stopped), next(kept)
     stopped.close()
     assert list(kept)[-1] == direct_greedy(engine, prepared.input_ids, max_new_tokens=40)
+
+
+def test_a_request_waiting_for_its_batch_does_not_time_out(engine):
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 400)
+    saved, engine.stream_timeout = engine.stream_timeout, 0.3
+    try:
+        running = engine.stream(prepared, GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 400}), True)
+        next(running)  # a reference-model batch is running: a policy request cannot join it
+        started = time.monotonic()
+        waiting = list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))
+        waited = time.monotonic() - started
+        assert waiting and list(running)
+    finally:
+        engine.stream_timeout = saved
+    assert waited > 0.3  # it did wait longer than the timeout, and was served
