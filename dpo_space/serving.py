@@ -182,8 +182,8 @@ class Engine:
         """Yield the growing reply. Concurrent streams are batched together. Closing the iterator (Stop, a closed
         tab) ends this stream at the next token and leaves the others running."""
         request = Request(prompt.input_ids, settings, use_reference)
-        with self._count_lock:
-            self._requests.add(request)
+        with self._count_lock:  # forget finished requests here too, so the set stays small without /info calls
+            self._requests = {r for r in self._requests if not r.finished.is_set()} | {request}
         self.batcher.submit(request)
         tokens, text = [], ""
         try:
