@@ -225,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.load(args.model, args.ref_model, dtype=os.environ.get("DTYPE", "auto"))
     demo = build_ui()
+    # Gradio keeps timing records of the last 10,000 events by default: memory that grows with traffic.
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
     demo.queue(
         max_size=int(os.environ.get("QUEUE_MAX_SIZE", "16")),
         # as many requests at once as the engine batches together (MAX_BATCH); more wait in the queue
