@@ -118,14 +118,6 @@ def judge(prompt, response_a, response_b):
     return f"The DPO model prefers {winner} by a margin of {abs(reward_a - reward_b):.4f}.", reward_a, reward_b
 
 
-async def malformed_request(request, exc):
-    """FastAPI's default 422 echoes the input, and fails with a 500 when it holds NaN or infinity."""
-    from fastapi.responses import JSONResponse
-
-    problems = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()]
-    return JSONResponse({"error": "malformed request", "problems": problems}, status_code=422)
-
-
 def info() -> dict:
     """What is loaded, and the model's shipped held-out metrics."""
     return {**engine.info(), "metrics": serving.training_metrics(engine.policy.name)}
@@ -241,7 +233,7 @@ def main() -> None:
         # so a small cap keeps the server's memory flat under many short-lived clients.
         state_session_capacity=int(os.environ.get("STATE_SESSION_CAPACITY", "64")),
         theme=gr.themes.Soft(),
-        app_kwargs={"exception_handlers": {RequestValidationError: malformed_request}},
+        app_kwargs={"exception_handlers": {RequestValidationError: serving.malformed_request}},
     )
 
 
