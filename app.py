@@ -2,7 +2,8 @@
 
     python app.py [--model MODEL_ID] [--port 7860]
 
-Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``), REF_MODEL_ID,
+Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``; default: the shipped
+adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID,
 DTYPE (auto|float32|bfloat16), QUEUE_MAX_SIZE, MAX_BATCH, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_TIMEOUT,
 STATE_SESSION_CAPACITY,
 GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
@@ -15,13 +16,15 @@ import functools
 import inspect
 import logging
 import os
+from pathlib import Path
 
 import gradio as gr
 
 from dpo_space import serving
 from dpo_space.serving import MODE_CONTINUE, MODE_REPLY, Engine, GenerationSettings
 
-DEFAULT_MODEL_ID = "embedded"
+# The project's own DPO model (a LoRA adapter on the embedded SmolLM2-135M-Instruct), shipped in the repo.
+DEFAULT_MODEL_ID = str(Path(__file__).resolve().parent / "models" / "smollm2-135m-dpo-hh-lora")
 EXAMPLES = [
     "I am an AI engineer",
     "How do I make a good cup of coffee?",

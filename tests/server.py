@@ -21,14 +21,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(model_id: str, timeout: float = 300, preamble: str = "", **env: str):
-    """Yield the URL of ``app.py`` serving ``model_id``; its log is in ``proc.log_path``.
+def running_app(model_id: str | None, timeout: float = 300, preamble: str = "", **env: str):
+    """Yield the URL of ``app.py`` serving ``model_id`` (None: the app's default); its log is in ``proc.log_path``.
 
     ``preamble``: Python run in the server process before the app (to inject faults in tests)."""
     port = free_port()
     log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"app-{port}.log"
-    full_env = {**os.environ, "MODEL_ID": model_id, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+    full_env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
                 "GRADIO_ANALYTICS_ENABLED": "False", **env}  # fmt: skip
+    full_env.pop("MODEL_ID", None)
+    if model_id is not None:
+        full_env["MODEL_ID"] = model_id
     command = [sys.executable, "app.py"]
     if preamble:
         command = [sys.executable, "-c", f"{preamble}\nimport runpy\nrunpy.run_path('app.py', run_name='__main__')"]

@@ -99,7 +99,25 @@ def test_model_card_has_what_a_reader_needs(tiny_adapter):
                     "## Recipe", "## Usage", "## Limitations"):  # fmt: skip
         assert section in text
     assert "| rewards/accuracies |" in text and "![report/loss.png](report/loss.png)" in text
-    assert "learning_rate: 0.01" in text and 'api_name="/generate"' in text and "AutoPeftModelForCausalLM" in text
+    assert "learning_rate: 0.01" in text and 'api_name="/generate"' in text
+    assert f'load_model("models/{Path(tiny_adapter).name}")' in text  # a local base: this project's loader
+
+
+def test_model_card_of_a_pushed_adapter_loads_it_from_the_hub(tiny_adapter, tmp_path):
+    import shutil
+
+    import yaml
+
+    from train.card import build_card
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_adapter, run)
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config["model"]["model_name_or_path"] = "openai-community/gpt2"
+    config["training"]["hub_model_id"] = "me/gpt2-dpo"
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config))
+    text = build_card(run).text
+    assert 'model = AutoPeftModelForCausalLM.from_pretrained("me/gpt2-dpo")' in text
 
 
 def tree_digest(path: Path) -> str:

