@@ -1,4 +1,4 @@
-# Self-host the Space on port 7860 (CPU), with the embedded SmolLM2 so it runs without the Hub.
+# Self-host the Space on port 7860 (CPU): the shipped DPO adapter on the embedded SmolLM2, no Hub needed.
 #   docker build -t dpo-space . && docker run -p 7860:7860 dpo-space
 FROM python:3.11-slim
 WORKDIR /app
