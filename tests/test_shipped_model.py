@@ -44,7 +44,9 @@ def test_the_default_engine_serves_the_adapter_over_one_copy_of_the_base():
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert 0 < lora < 6_000_000  # r 16 on all linear layers: ~4.9M
     assert engine.info()["parameters"] == 134_515_008 + lora  # the base weights once, not twice
-    with engine._reference_mode(use_reference=True) as reference:
+    from dpo_space.scoring import reference_model
+
+    with reference_model(engine.policy, engine.reference) as reference:
         assert reference is model  # the reference is the same module with its adapter switched off
 
 
