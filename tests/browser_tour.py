@@ -30,13 +30,16 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
         page.get_by_role("button", name="Generate").click()
         output = page.get_by_label("Output")
         seen: list[str] = []
-        deadline = time.monotonic() + 300
+        deadline, idle_since = time.monotonic() + 300, None
         while time.monotonic() < deadline:
             streaming = not _idle(page)  # read before the text, so the last text is read after the end
             text = output.input_value()
             if text and (not seen or text != seen[-1]):
                 seen.append(text)
-            if seen and not streaming:
+                idle_since = None
+            # Gradio can drop its streaming marker for a moment between chunks: the end is idle *and* quiet.
+            idle_since = None if streaming else (idle_since or time.monotonic())
+            if seen and idle_since and time.monotonic() - idle_since > 2.0:
                 break
             time.sleep(0.05)
         page.screenshot(path=str(out / "generate.png"), full_page=True)
