@@ -67,7 +67,7 @@ def test_report_table_and_plots(sweep_dir, tmp_path):
     from train.report import write_report
 
     runs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    summaries = write_report(runs, tmp_path / "report", title="Tiny sweep")
+    summaries = write_report(runs, tmp_path / "report", title="Tiny sweep", notes="## How this was run\n\nTiny.")
     page = (tmp_path / "report" / "report.md").read_text()
     assert page.startswith("# Tiny sweep\n\n| run | final train loss | held-out reward accuracy |")
     for run, summary in zip(runs, summaries, strict=True):
@@ -75,9 +75,11 @@ def test_report_table_and_plots(sweep_dir, tmp_path):
         evaluation = json.loads((run / "eval_results.json").read_text())
         assert summary["final train loss"] == [e for e in train["log_history"] if "loss" in e][-1]["loss"]
         assert summary["held-out reward accuracy"] == evaluation["eval_rewards/accuracies"]
+        assert summary["held-out loss"] == evaluation["eval_loss"]
         assert summary["pairs/s"] == train["train_samples_per_second"] and f"| {run.name} |" in page
     for name in ("loss.png", "rewards_accuracies.png", "rewards_margins.png"):
         assert (tmp_path / "report" / name).read_bytes()[:4] == b"\x89PNG" and f"![{name}]({name})" in page
+    assert page.endswith("![rewards_margins.png](rewards_margins.png)\n\n## How this was run\n\nTiny.\n")
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):

@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 PLOTS = {"loss": "Training loss", "rewards/accuracies": "Reward accuracy (train batches)",
          "rewards/margins": "Reward margin (train batches)"}  # fmt: skip
-COLUMNS = ["run", "final train loss", "held-out reward accuracy", "held-out margin", "wall time (s)", "pairs/s"]
+COLUMNS = ["run", "final train loss", "held-out reward accuracy", "held-out margin", "held-out loss", "wall time (s)",
+           "pairs/s"]  # fmt: skip
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -36,6 +37,7 @@ def run_summary(run_dir: Path) -> dict:
         "final train loss": steps[-1]["loss"] if steps else None,
         "held-out reward accuracy": evaluation.get("eval_rewards/accuracies"),
         "held-out margin": evaluation.get("eval_rewards/margins"),
+        "held-out loss": evaluation.get("eval_loss"),
         "wall time (s)": train.get("train_runtime"),
         "pairs/s": train.get("train_samples_per_second"),
         "series": series,
@@ -68,14 +70,16 @@ def fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def markdown(summaries: list[dict], images: list[str], title: str) -> str:
+def markdown(summaries: list[dict], images: list[str], title: str, notes: str = "") -> str:
     lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt(s[c]) for c in COLUMNS) + " |" for s in summaries]
     lines += ["", *[f"![{name}]({name})" for name in images], ""]
+    if notes:
+        lines += [notes.strip(), ""]
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path, title: str = "DPO runs") -> list[dict]:
+def write_report(run_dirs: list[Path], out: Path, title: str = "DPO runs", notes: str = "") -> list[dict]:
     summaries = [run_summary(Path(d)) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -84,7 +88,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "DPO runs") -> li
         plot(summaries, key, label, out / name)
         images.append(name)
     (out / "report.json").write_text(json.dumps(summaries, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(summaries, images, title))
+    (out / "report.md").write_text(markdown(summaries, images, title, notes))
     logger.info("Wrote %s", out / "report.md")
     return summaries
 
@@ -95,8 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="train.dpo output directories")
     parser.add_argument("--out", type=Path, default=Path("outputs/report"))
     parser.add_argument("--title", default="DPO runs")
+    parser.add_argument("--notes", type=Path, help="a Markdown file appended under the plots (how it was run)")
     args = parser.parse_args(argv)
-    write_report(args.runs, args.out, args.title)
+    write_report(args.runs, args.out, args.title, args.notes.read_text() if args.notes else "")
 
 
 if __name__ == "__main__":
