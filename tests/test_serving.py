@@ -209,3 +209,33 @@ def test_a_request_waiting_for_its_batch_does_not_time_out(engine):
     finally:
         engine.stream_timeout = saved
     assert waited > 0.3  # it did wait longer than the timeout, and was served
+
+
+def test_the_policy_decodes_merged_and_round_trips_leave_the_base_weights(engine, tiny_path):
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    layers = [m for m in engine.policy.model.modules() if isinstance(m, LoraLayer)]
+    prepared = engine.prepare("Hello", MODE_REPLY, 12)
+    settings = GenerationSettings.validated(**GREEDY)
+    for _ in range(3):
+        policy_text = list(engine.stream(prepared, settings))[-1]
+        assert layers and all(m.merged for m in layers)  # decoded with the adapter folded in
+        reference_text = list(engine.stream(prepared, settings, use_reference=True))[-1]
+        assert not any(m.merged for m in layers)  # the reference is the base again, not a second copy
+    original = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()
+    for name, weight in engine.policy.model.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            assert torch.allclose(weight, original[key], atol=1e-6), name
+    assert reference_text == direct_greedy_base(tiny_path, prepared.input_ids)
+    assert policy_text == list(engine.stream(prepared, settings))[-1]
+
+
+def direct_greedy_base(path, prompt_ids: list[int]) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, ids = AutoModelForCausalLM.from_pretrained(path), torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])
+    return AutoTokenizer.from_pretrained(path).decode(out[0, ids.shape[1] :], skip_special_tokens=True)
