@@ -24,6 +24,7 @@ test: $(STAMP)
 # installed: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON" .venv/bin/pip install llama-cpp-python
 bench: $(STAMP)
 	$(PY) -m bench.serve --model embedded
+	$(PY) -m bench.levers --model embedded
 	$(PY) -m bench.train --model embedded
 
 lint: $(STAMP)

@@ -1,0 +1,106 @@
+"""Single-stream decode levers, measured rather than assumed: dtype, a merged LoRA, a static cache with
+``torch.compile``, int8 weight-only quantization.
+
+    python -m bench.levers [--model embedded] [--adapter models/smollm2-135m-dpo-hh-lora] [--new-tokens 128]
+
+Each lever decodes ``--new-tokens`` greedy tokens after a ~20-token prompt with plain ``generate``: one warm-up
+call of the same shape (where ``torch.compile`` compiles: its time is reported apart), then the median of
+``--repeats`` measured calls (single runs on this 2-core machine varied by up to a third).
+``int8`` needs ``torchao`` (optional, not in the requirements: ``.venv/bin/pip install torchao==0.18.0``).
+Prints a table and writes ``bench/results/levers.json``. Compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.machine import describe
+
+PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined"
+LEVERS = {
+    "eager fp32 (the baseline)": {},
+    "eager bf16": {"dtype": "bfloat16"},
+    "LoRA adapter, unmerged, fp32": {"adapter": True},
+    "LoRA adapter, merged, fp32 (served)": {"adapter": True, "merge": True},
+    "static cache + torch.compile, fp32": {"compile": True},
+    "static cache + torch.compile, bf16": {"compile": True, "dtype": "bfloat16"},
+    "int8 weight-only (torchao), eager": {"int8": True},
+    "int8 weight-only (torchao) + compile": {"int8": True, "compile": True},
+}
+
+
+def decode(model, tokenizer, new_tokens: int, lever: dict, repeats: int) -> dict:
+    import torch
+    from transformers import CompileConfig
+
+    kwargs = {}
+    if lever.get("compile"):
+        config = CompileConfig(mode="default", fullgraph=False, dynamic=False)
+        config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+        kwargs = {"cache_implementation": "static", "compile_config": config}
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    timings = []
+    with torch.no_grad():
+        for _ in range(1 + repeats):  # warm-up (and compilation) with the same shapes, then the measured calls
+            started = time.perf_counter()
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+            timings.append(time.perf_counter() - started)
+    return {"decode_tok_s": new_tokens / statistics.median(timings[1:]), "warmup_s": timings[0],
+            "runs_tok_s": [new_tokens / t for t in timings[1:]]}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--adapter", default="models/smollm2-135m-dpo-hh-lora")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/levers.json"))
+    args = parser.parse_args()
+
+    import torch
+
+    from dpo_space.models import load_model
+
+    rows = []
+    for name, lever in LEVERS.items():
+        if lever.get("int8") and importlib.util.find_spec("torchao") is None:
+            rows.append({"lever": name, "skipped": "torchao not installed"})
+            continue
+        dtype = getattr(torch, lever.get("dtype", "float32"))
+        loaded = load_model(args.adapter if lever.get("adapter") else args.model, dtype=dtype, device="cpu")
+        model = loaded.model
+        if lever.get("merge"):
+            model.merge_adapter()
+        if lever.get("int8"):
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            quantize_(model, Int8WeightOnlyConfig())
+        rows.append({"lever": name, **decode(model, loaded.tokenizer, args.new_tokens, lever, args.repeats)})
+        print(rows[-1], flush=True)
+        torch._dynamo.reset()
+
+    baseline = rows[0]["decode_tok_s"]
+    for row in rows:
+        if "decode_tok_s" in row:
+            row["vs_baseline"] = row["decode_tok_s"] / baseline
+    result = {"machine": describe(), "model": args.model, "adapter": args.adapter, "new_tokens": args.new_tokens,
+              "levers": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'lever':<40} {'decode tok/s':>12} {'x baseline':>10} {'warm-up s':>10}")
+    for row in rows:
+        if "decode_tok_s" in row:
+            tok_s, ratio, warmup = row["decode_tok_s"], row["vs_baseline"], row["warmup_s"]
+            print(f"{row['lever']:<40} {tok_s:>12.1f} {ratio:>10.2f} {warmup:>10.1f}")
+        else:
+            print(f"{row['lever']:<40} {row['skipped']}")
+
+
+if __name__ == "__main__":
+    main()
