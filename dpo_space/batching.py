@@ -4,7 +4,9 @@ One scheduler thread owns the model. It takes up to ``max_batch`` waiting reques
 policy or reference), left-pads them into one batch and runs ``generate`` greedily, while ``RowSampler``
 does each row's own sampling (temperature, top-k/p, penalties, its own seeded generator, its own token
 budget) and ``RowStreamer`` hands each row's tokens to its request. A stopped request is ended with EOS at
-the next step, so the others go on. Requests that arrive during a batch wait for the next one.
+the next step, so the others go on. A request that arrives while a batch runs joins it at the next step:
+``generate`` stops (``join_check``), and the batch restarts with each unfinished row's prompt plus the tokens
+it has so far (one prefill, instead of waiting for the longest reply of the batch).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class Request:
     settings: object  # serving.GenerationSettings
     use_reference: bool
     tokens: queue.Queue = field(default_factory=queue.Queue)  # token ids, then END or an exception
+    generated: list[int] = field(default_factory=list)  # the token ids streamed so far
+    generator: object = None  # its seeded torch.Generator, kept across restarts of its batch
+    done: bool = False  # it has its last token (EOS or its budget)
     stop: threading.Event = field(default_factory=threading.Event)  # asked to stop: Stop, a closed tab
     started: threading.Event = field(default_factory=threading.Event)  # its batch is running
     finished: threading.Event = field(default_factory=threading.Event)  # the model is done with it
@@ -64,8 +69,8 @@ class RowSampler:
         self.pad_lengths = pad_lengths
         self.eos_id = eos_ids[0]
         self.processors = [row_processors(r.settings) for r in requests]
-        self.generators = [torch.Generator(device=device).manual_seed(r.settings.seed) for r in requests]
-        self.steps = 0
+        for r in requests:
+            r.generator = r.generator or torch.Generator(device=device).manual_seed(r.settings.seed)
 
     def __call__(self, input_ids, scores):
         import torch
@@ -78,13 +83,15 @@ class RowSampler:
             for processor in self.processors[i]:
                 row = processor(input_ids[i : i + 1, self.pad_lengths[i] :], row)
             if request.settings.temperature > 0:
-                chosen[i] = torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=self.generators[i])[0]
+                chosen[i] = torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=request.generator)[0]
             else:
                 chosen[i] = row[0].argmax()
-        ended = [i for i, r in enumerate(self.requests) if r.stop.is_set() or self.steps >= r.settings.max_new_tokens]
+        # generated counts the tokens streamed before this step: the budget's last one is EOS
+        ended = [
+            i for i, r in enumerate(self.requests) if r.stop.is_set() or len(r.generated) >= r.settings.max_new_tokens
+        ]
         if ended:
             chosen[ended] = self.eos_id
-        self.steps += 1
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
 
@@ -94,29 +101,36 @@ class RowStreamer:
     def __init__(self, requests: list[Request], eos_ids: list[int]):
         self.requests = requests
         self.eos_ids = set(eos_ids)
-        self.done = [False] * len(requests)
         self.prompt_seen = False
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        for i, token in enumerate(value.reshape(-1).tolist()):
-            if self.done[i]:
+        for request, token in zip(self.requests, value.reshape(-1).tolist(), strict=True):
+            if request.done:
                 continue
             if token in self.eos_ids:
-                self.done[i] = True
-                self.requests[i].tokens.put(END)
-                self.requests[i].finished.set()
+                request.done = True
             else:
-                self.requests[i].tokens.put(token)
+                request.generated.append(token)
+                request.tokens.put(token)
 
     def end(self):
-        for i, request in enumerate(self.requests):
-            if not self.done[i]:
-                self.done[i] = True
-                request.tokens.put(END)
-            request.finished.set()
+        """generate has stopped; the batcher decides which rows are finished and which go on."""
+
+
+def join_check(can_join):
+    """A stopping criterion: stop generate when a waiting request could join the batch (it restarts at once)."""
+    from transformers import StoppingCriteria
+
+    class JoinCheck(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), can_join(), dtype=torch.bool, device=input_ids.device)
+
+    return JoinCheck()
 
 
 class Batcher:
@@ -157,16 +171,25 @@ class Batcher:
             with self._ready:
                 if not self._waiting:  # all withdrawn meanwhile
                     continue
-                kind = self._waiting[0].use_reference
-                batch = [r for r in self._waiting if r.use_reference == kind][: self.max_batch]
-                for request in batch:
-                    self._waiting.remove(request)
-            for request in batch:
-                if request.stop.is_set():
-                    request.finished.set()
-            batch = [r for r in batch if not r.stop.is_set()]
+                batch = self._take(self._waiting[0].use_reference, self.max_batch)
             if batch:
                 return batch
+
+    def _take(self, use_reference: bool, room: int) -> list[Request]:
+        """Remove up to ``room`` waiting requests for this model from the queue (caller holds ``_ready``)."""
+        taken = [r for r in self._waiting if r.use_reference == use_reference][:room]
+        for request in taken:
+            self._waiting.remove(request)
+            if request.stop.is_set():
+                request.finished.set()
+        return [r for r in taken if not r.stop.is_set()]
+
+    def _can_join(self, batch: list[Request]) -> bool:
+        """The oldest waiting request is for this model and fits (a finished row leaves room): first come, first
+        served, so requests for the other model are not overtaken."""
+        kind, free = batch[0].use_reference, self.max_batch - sum(not r.done for r in batch)
+        waiting = self._waiting[:1]
+        return free > 0 and bool(waiting) and waiting[0].use_reference == kind
 
     def _loop(self) -> None:
         while True:
@@ -179,32 +202,55 @@ class Batcher:
                     request.finished.set()
 
     def _run(self, batch: list[Request]) -> None:
+        """Generate until every row is done; rows that arrive meanwhile join at a restart. ``batch`` grows in
+        place, so a failure reaches every request that joined."""
+        with self.lock, self.model_for(batch[0].use_reference) as model:
+            while True:
+                for request in batch:
+                    request.started.set()
+                self._generate(model, [r for r in batch if not r.done])
+                for request in batch:
+                    if (
+                        request.done
+                        or request.stop.is_set()
+                        or len(request.generated) >= request.settings.max_new_tokens
+                    ):
+                        if not request.finished.is_set():
+                            request.done = True
+                            request.tokens.put(END)
+                            request.finished.set()
+                with self._ready:
+                    live = [r for r in batch if not r.done]
+                    joining = (
+                        self._take(batch[0].use_reference, self.max_batch - len(live)) if self._can_join(batch) else []
+                    )
+                if not live and not joining:
+                    return
+                batch += joining
+
+    def _generate(self, model, rows: list[Request]) -> None:
         import torch
 
-        width = max(len(r.prompt_ids) for r in batch)
-        pad_lengths = [width - len(r.prompt_ids) for r in batch]
-        ids = [[self.pad_id] * pad + r.prompt_ids for r, pad in zip(batch, pad_lengths, strict=True)]
-        mask = [[0] * pad + [1] * len(r.prompt_ids) for r, pad in zip(batch, pad_lengths, strict=True)]
-        self.batch_sizes.append(len(batch))
-        with self.lock, self.model_for(batch[0].use_reference) as model:
-            for request in batch:
-                request.started.set()
-            device = model.device
-            sampler = RowSampler(batch, pad_lengths, self.eos_ids, device)
-            streamer = RowStreamer(batch, self.eos_ids)
-            model.generate(
-                input_ids=torch.tensor(ids, device=device),
-                attention_mask=torch.tensor(mask, device=device),
-                max_new_tokens=max(r.settings.max_new_tokens for r in batch),
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                repetition_penalty=1.0,
-                no_repeat_ngram_size=0,
-                logits_processor=[sampler],
-                streamer=streamer,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids,
-            )
-            streamer.end()
+        inputs = [r.prompt_ids + r.generated for r in rows]
+        width = max(len(ids) for ids in inputs)
+        pad_lengths = [width - len(ids) for ids in inputs]
+        ids = [[self.pad_id] * pad + row for row, pad in zip(inputs, pad_lengths, strict=True)]
+        mask = [[0] * pad + [1] * len(row) for row, pad in zip(inputs, pad_lengths, strict=True)]
+        self.batch_sizes.append(len(rows))
+        device = model.device
+        model.generate(
+            input_ids=torch.tensor(ids, device=device),
+            attention_mask=torch.tensor(mask, device=device),
+            max_new_tokens=max(r.settings.max_new_tokens - len(r.generated) for r in rows),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            logits_processor=[RowSampler(rows, pad_lengths, self.eos_ids, device)],
+            stopping_criteria=[join_check(lambda: self._can_join(rows))],
+            streamer=RowStreamer(rows, self.eos_ids),
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
+        )

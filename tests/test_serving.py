@@ -239,3 +239,17 @@ def direct_greedy_base(path, prompt_ids: list[int]) -> str:
     with torch.no_grad():
         out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])
     return AutoTokenizer.from_pretrained(path).decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_a_request_arriving_during_a_batch_joins_it_and_each_still_equals_its_greedy_generate(engine):
+    long_prepared = engine.prepare("Hello", MODE_CONTINUE, 300)
+    expected_long = direct_greedy(engine, long_prepared.input_ids, max_new_tokens=300)
+    assert len(engine.tokenizer(expected_long)["input_ids"]) > 100  # long enough to still run when the other comes
+    running = engine.stream(long_prepared, GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 300}))
+    next(running)
+    before = len(engine.batcher.batch_sizes)
+    prepared = engine.prepare("Why", MODE_REPLY, 12)
+    joined = list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1]
+    assert 2 in engine.batcher.batch_sizes[before:]  # it joined the running batch instead of waiting for its end
+    assert joined == direct_greedy(engine, prepared.input_ids, max_new_tokens=12)
+    assert list(running)[-1] == expected_long  # the restart (prompt + tokens so far) changed nothing
