@@ -7,8 +7,9 @@ sample (same seed, one epoch), then evaluates on the same ``--eval-pairs`` held-
 recipe cannot win by learning less:
 - ``original``: the original recipe (``gpt2-hh.yaml``: batch 1, full fine-tuning with an explicit reference
   copy, gradient checkpointing, bf16, lr 5e-7) on ``--model``;
-- ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off);
-- ``lora-precomputed-ref``: the same with the reference log-probs computed once before training.
+- ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off)
+  with the reference log-probs computed at every step;
+- ``lora-precomputed-ref``: the recipe as it is: the reference log-probs computed once before training.
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -31,8 +32,8 @@ DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2
 CONFIGS = {
     "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
                  "--max_length", "512"],
-    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml"],
-    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "true"],
+    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false"],
+    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe's default
 }  # fmt: skip
 
 
