@@ -86,7 +86,7 @@ class RowSampler:
                 chosen[i] = torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=request.generator)[0]
             else:
                 chosen[i] = row[0].argmax()
-        # generated counts the tokens streamed before this step: the budget's last one is EOS
+        # a row stopped, or with its whole budget streamed (before this step), gets EOS
         ended = [
             i for i, r in enumerate(self.requests) if r.stop.is_set() or len(r.generated) >= r.settings.max_new_tokens
         ]
