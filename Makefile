@@ -22,7 +22,8 @@ test: $(STAMP)
 
 # The speed benchmarks (minutes; tables printed, JSON in bench/results/). llama.cpp joins when llama-cpp-python is
 # installed (a ~7-minute build; a native build died with an illegal instruction here):
-#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF #   -DGGML_AMX_BF16=OFF" .venv/bin/pip install llama-cpp-python==0.3.36
+#   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
+#   -DGGML_AMX_BF16=OFF" .venv/bin/pip install llama-cpp-python==0.3.36   (one command, on one line)
 bench: $(STAMP)
 	$(PY) -m bench.serve --model embedded
 	$(PY) -m bench.levers --model embedded

@@ -5,7 +5,7 @@ policy or reference), left-pads them into one batch and runs ``generate`` greedi
 does each row's own sampling (temperature, top-k/p, penalties, its own seeded generator, its own token
 budget) and ``RowStreamer`` hands each row's tokens to its request. A stopped request is ended with EOS at
 the next step, so the others go on. A request that arrives while a batch runs joins it at the next step:
-``generate`` stops (``join_check``), and the batch restarts with each unfinished row's prompt plus the tokens
+``generate`` stops (``JoinCheck``), and the batch restarts with each unfinished row's prompt plus the tokens
 it has so far (one prefill, instead of waiting for the longest reply of the batch).
 """
 
@@ -34,6 +34,11 @@ class Request:
     stop: threading.Event = field(default_factory=threading.Event)  # asked to stop: Stop, a closed tab
     started: threading.Event = field(default_factory=threading.Event)  # its batch is running
     finished: threading.Event = field(default_factory=threading.Event)  # the model is done with it
+
+    @property
+    def should_end(self) -> bool:
+        """Asked to stop, or its whole budget is streamed: its next token is EOS."""
+        return self.stop.is_set() or len(self.generated) >= self.settings.max_new_tokens
 
 
 def row_processors(settings) -> list:
@@ -86,10 +91,7 @@ class RowSampler:
                 chosen[i] = torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=request.generator)[0]
             else:
                 chosen[i] = row[0].argmax()
-        # a row stopped, or with its whole budget streamed (before this step), gets EOS
-        ended = [
-            i for i, r in enumerate(self.requests) if r.stop.is_set() or len(r.generated) >= r.settings.max_new_tokens
-        ]
+        ended = [i for i, r in enumerate(self.requests) if r.should_end]
         if ended:
             chosen[ended] = self.eos_id
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
@@ -120,17 +122,16 @@ class RowStreamer:
         """generate has stopped; the batcher decides which rows are finished and which go on."""
 
 
-def join_check(can_join):
+class JoinCheck:
     """A stopping criterion: stop generate when a waiting request could join the batch (it restarts at once)."""
-    from transformers import StoppingCriteria
 
-    class JoinCheck(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
+    def __init__(self, can_join):
+        self.can_join = can_join
 
-            return torch.full((input_ids.shape[0],), can_join(), dtype=torch.bool, device=input_ids.device)
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
 
-    return JoinCheck()
+        return torch.full((input_ids.shape[0],), self.can_join(), dtype=torch.bool, device=input_ids.device)
 
 
 class Batcher:
@@ -184,10 +185,10 @@ class Batcher:
                 request.finished.set()
         return [r for r in taken if not r.stop.is_set()]
 
-    def _can_join(self, batch: list[Request]) -> bool:
-        """The oldest waiting request is for this model and fits (a finished row leaves room): first come, first
-        served, so requests for the other model are not overtaken."""
-        kind, free = batch[0].use_reference, self.max_batch - sum(not r.done for r in batch)
+    def _can_join(self, kind: bool, rows: list[Request]) -> bool:
+        """The oldest waiting request is for this model (``kind``) and fits beside ``rows`` (a finished row
+        leaves room): first come, first served, so requests for the other model are not overtaken."""
+        free = self.max_batch - sum(not r.done for r in rows)
         waiting = self._waiting[:1]
         return free > 0 and bool(waiting) and waiting[0].use_reference == kind
 
@@ -204,29 +205,22 @@ class Batcher:
     def _run(self, batch: list[Request]) -> None:
         """Generate until every row is done; rows that arrive meanwhile join at a restart. ``batch`` grows in
         place, so a failure reaches every request that joined."""
-        with self.lock, self.model_for(batch[0].use_reference) as model:
-            while True:
-                for request in batch:
+        kind, live = batch[0].use_reference, list(batch)
+        with self.lock, self.model_for(kind) as model:
+            while live:
+                for request in live:
                     request.started.set()
-                self._generate(model, [r for r in batch if not r.done])
-                for request in batch:
-                    if (
-                        request.done
-                        or request.stop.is_set()
-                        or len(request.generated) >= request.settings.max_new_tokens
-                    ):
-                        if not request.finished.is_set():
-                            request.done = True
-                            request.tokens.put(END)
-                            request.finished.set()
+                self._generate(model, live)
+                for request in live:
+                    if request.done or request.should_end:
+                        request.done = True
+                        request.tokens.put(END)
+                        request.finished.set()
                 with self._ready:
-                    live = [r for r in batch if not r.done]
-                    joining = (
-                        self._take(batch[0].use_reference, self.max_batch - len(live)) if self._can_join(batch) else []
-                    )
-                if not live and not joining:
-                    return
+                    live = [r for r in live if not r.done]
+                    joining = self._take(kind, self.max_batch - len(live)) if self._can_join(kind, live) else []
                 batch += joining
+                live += joining
 
     def _generate(self, model, rows: list[Request]) -> None:
         import torch
@@ -249,7 +243,7 @@ class Batcher:
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
             logits_processor=[RowSampler(rows, pad_lengths, self.eos_ids, device)],
-            stopping_criteria=[join_check(lambda: self._can_join(rows))],
+            stopping_criteria=[JoinCheck(lambda: self._can_join(rows[0].use_reference, rows))],
             streamer=RowStreamer(rows, self.eos_ids),
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,

@@ -142,10 +142,10 @@ def test_implicit_reward_matches_a_direct_computation(engine, tiny_adapter, tiny
     assert engine.implicit_reward(prompt_ids, reply) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
-def direct_greedy(engine, prompt_ids: list[int], **kwargs) -> str:
+def direct_greedy(engine, prompt_ids: list[int], model=None, **kwargs) -> str:
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = engine.policy.model.generate(input_ids=ids, do_sample=False, **kwargs)
+        out = (model or engine.policy.model).generate(input_ids=ids, do_sample=False, **kwargs)
     return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -228,17 +228,9 @@ def test_the_policy_decodes_merged_and_round_trips_leave_the_base_weights(engine
         if "lora_" not in name:
             key = name.replace(".base_layer", "")
             assert torch.allclose(weight, original[key], atol=1e-6), name
-    assert reference_text == direct_greedy_base(tiny_path, prepared.input_ids)
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    assert reference_text == direct_greedy(engine, prepared.input_ids, base, max_new_tokens=GREEDY["max_new_tokens"])
     assert policy_text == list(engine.stream(prepared, settings))[-1]
-
-
-def direct_greedy_base(path, prompt_ids: list[int]) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model, ids = AutoModelForCausalLM.from_pretrained(path), torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])
-    return AutoTokenizer.from_pretrained(path).decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_a_request_arriving_during_a_batch_joins_it_and_each_still_equals_its_greedy_generate(engine):
