@@ -218,7 +218,9 @@ def main() -> None:
     parser.add_argument("--ref-model", default=os.environ.get("REF_MODEL_ID"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
-    engine = Engine.load(args.model, args.ref_model, dtype=os.environ.get("DTYPE", "auto"))
+    engine = Engine.load(
+        args.model, args.ref_model, dtype=os.environ.get("DTYPE", "auto"), decoder=os.environ.get("DECODER", "auto")
+    )
     demo = build_ui()
     # Gradio keeps timing records of the last 10,000 events by default: memory that grows with traffic.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")

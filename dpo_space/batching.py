@@ -82,19 +82,25 @@ class RowSampler:
 
         chosen = scores.argmax(dim=-1)  # greedy rows without penalties: one vectorised step, no device sync
         for i, request in enumerate(self.requests):
-            if not self.processors[i]:
-                continue
-            row = scores[i : i + 1].float()
-            for processor in self.processors[i]:
-                row = processor(input_ids[i : i + 1, self.pad_lengths[i] :], row)
-            if request.settings.temperature > 0:
-                chosen[i] = torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=request.generator)[0]
-            else:
-                chosen[i] = row[0].argmax()
+            if self.processors[i]:
+                ids = input_ids[i : i + 1, self.pad_lengths[i] :]
+                chosen[i] = pick_token(request, self.processors[i], ids, scores[i])
         ended = [i for i, r in enumerate(self.requests) if r.should_end]
         if ended:
             chosen[ended] = self.eos_id
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
+
+def pick_token(request: Request, processors: list, input_ids, scores) -> int:
+    """A row's next token: its penalties and warpers on ``scores`` [vocab], then its seeded sample (or argmax)."""
+    import torch
+
+    row = scores[None].float()
+    for processor in processors:
+        row = processor(input_ids, row)
+    if request.settings.temperature > 0:
+        return int(torch.multinomial(torch.softmax(row[0], dim=-1), 1, generator=request.generator)[0])
+    return int(row[0].argmax())
 
 
 class RowStreamer:
@@ -248,3 +254,69 @@ class Batcher:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
         )
+
+
+class DecoderBatcher(Batcher):
+    """The batcher for ``decoder.LlamaDecoder``s (``model_for(use_reference)`` gives one): each request has its own
+    cache row, so one that arrives is prefilled alone and joins the running rows at the next step, with no
+    restart; a finished row leaves at once."""
+
+    def _run(self, batch: list[Request]) -> None:
+        import torch
+
+        kind = batch[0].use_reference
+        decoder = self.model_for(kind)
+        decoder.reset()
+        rows: list[Request] = []
+        new = list(batch)
+        processors: dict[int, list] = {}  # by id(request)
+        with self.lock:
+            while new or rows:
+                for request in new:
+                    request.started.set()
+                    request.generator = torch.Generator().manual_seed(request.settings.seed)
+                    processors[id(request)] = row_processors(request.settings)
+                    logits = decoder.prefill(request.prompt_ids)
+                    rows.append(request)
+                    self._advance([request], logits[None], processors)
+                if new:
+                    self.batch_sizes.append(len(rows))
+                self._retire(decoder, rows)
+                if rows:
+                    self._advance(rows, decoder.decode([r.generated[-1] for r in rows]), processors)
+                    self._retire(decoder, rows)
+                with self._ready:
+                    new = self._take(kind, self.max_batch - len(rows)) if self._can_join(kind, rows) else []
+                batch += new
+
+    def _advance(self, rows: list[Request], logits, processors: dict[int, list]) -> None:
+        """Pick each row's next token from ``logits`` [rows, vocab] and stream it; EOS or the budget ends a row."""
+        import torch
+
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, request in enumerate(rows):
+            if request.stop.is_set():
+                request.done = True
+                continue
+            row_processors_ = processors[id(request)]
+            if row_processors_:
+                ids = torch.tensor([request.prompt_ids + request.generated])
+                chosen[i] = pick_token(request, row_processors_, ids, logits[i])
+            if chosen[i] in self.eos_ids:
+                request.done = True
+                continue
+            request.generated.append(chosen[i])
+            request.tokens.put(chosen[i])
+            request.done = request.should_end
+
+    def _retire(self, decoder, rows: list[Request]) -> None:
+        """End the finished rows and free their cache rows (the last row moves into a freed one, in both)."""
+        for i in reversed(range(len(rows))):
+            request = rows[i]
+            if request.done or request.stop.is_set():
+                request.done = True
+                request.tokens.put(END)
+                request.finished.set()
+                decoder.remove_row(i)
+                rows[i] = rows[-1]
+                rows.pop()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dpo_space.batching import END, Batcher, Request
+from dpo_space.batching import END, Batcher, DecoderBatcher, Request
 from dpo_space.models import LoadedModel, load_model
 from dpo_space.prompts import format_response, format_user_prompt
 from dpo_space.scoring import completion_logps, reference_label, reference_model
@@ -112,7 +112,10 @@ def check_text(name: str, text) -> str:
 class Engine:
     """One policy model (and its reference) loaded once and shared by all requests."""
 
-    def __init__(self, policy: LoadedModel, reference: LoadedModel | None, beta: float, max_input_tokens: int):
+    def __init__(
+        self, policy: LoadedModel, reference: LoadedModel | None, beta: float, max_input_tokens: int,
+        decoder: str = "auto",
+    ):  # fmt: skip
         self.policy = policy
         self.reference = reference  # None: the reference is the policy with its adapter disabled, or itself
         self.beta = beta
@@ -122,11 +125,14 @@ class Engine:
         self._lock = threading.Lock()  # one batch or scoring at a time: the adapter toggle is global to the model
         self._count_lock = threading.Lock()
         self._requests: set[Request] = set()
+        self.decoders = self._build_decoders(decoder)  # {use_reference: LlamaDecoder}, or None: generate
 
     # --- loading ---
 
     @classmethod
-    def load(cls, model_id: str, ref_model_id: str | None = None, dtype: str = "auto") -> Engine:
+    def load(
+        cls, model_id: str, ref_model_id: str | None = None, dtype: str = "auto", decoder: str = "auto"
+    ) -> Engine:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,7 +142,34 @@ class Engine:
         reference = load_model(ref_model_id, dtype=torch_dtype, device=device) if ref_model_id else None
         max_input = int(os.environ.get("MAX_INPUT_TOKENS", "1024"))
         logger.info("Loaded %s (%s, %s); reference: %s", model_id, torch_dtype, device, ref_model_id or "shared")
-        return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input)
+        return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input, decoder=decoder)
+
+    def _build_decoders(self, choice: str) -> dict | None:
+        """``auto``: int4 ``LlamaDecoder``s where they run (a Llama on the CPU), else ``generate``. An adapter's
+        reference is the same decoder with the adapter off."""
+        from dpo_space.decoder import WEIGHT_FORMATS, LlamaDecoder, supports
+
+        if choice not in ("auto", "generate", *WEIGHT_FORMATS):
+            raise ValueError(f"DECODER must be auto, generate, {' or '.join(WEIGHT_FORMATS)}; got {choice!r}")
+        models = [m.model for m in (self.policy, self.reference) if m is not None]
+        reason = next(filter(None, map(supports, models)), None)
+        if choice == "generate" or (choice == "auto" and reason):
+            logger.info("Decoding with generate%s", f" ({reason})" if reason and choice == "auto" else "")
+            return None
+        if reason:
+            raise ValueError(f"DECODER={choice} cannot run this model: {reason}; use DECODER=generate")
+        weight_format = "int4" if choice == "auto" else choice
+        policy = LlamaDecoder(models[0], weight_format, max_rows=self.max_batch)
+        if self.reference is not None:
+            reference = LlamaDecoder(models[1], weight_format, max_rows=self.max_batch)
+        else:  # as scoring.reference_model: the base with the adapter off, or the policy itself
+            reference = policy.without_adapter()
+        logger.info("Decoding with %s LlamaDecoders", weight_format)
+        return {False: policy, True: reference}
+
+    @property
+    def decoder(self) -> str:
+        return self.decoders[False].format if self.decoders else "generate"
 
     @property
     def tokenizer(self):
@@ -154,6 +187,7 @@ class Engine:
             "adapter": self.policy.is_adapter,
             "reference": self.reference_label,
             "dtype": str(self.policy.dtype).removeprefix("torch."),
+            "decoder": self.decoder,
             "device": str(self.policy.device),
             "parameters": sum(p.numel() for p in model.parameters()),
             "beta": self.beta,
@@ -224,6 +258,9 @@ class Engine:
         eos = self.policy.model.generation_config.eos_token_id
         eos_ids = [tokenizer.eos_token_id] + [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        if self.decoders:
+            return DecoderBatcher(self.decoders.__getitem__, self._lock, pad_id, list(dict.fromkeys(eos_ids)),
+                                  self.max_batch, wait_s=0.01)  # fmt: skip
         return Batcher(self._reference_mode, self._lock, pad_id, list(dict.fromkeys(eos_ids)), self.max_batch,
                        wait_s=0.01)  # fmt: skip
 

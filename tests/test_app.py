@@ -15,7 +15,7 @@ GREEDY = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition
 
 @pytest.fixture(scope="module")
 def app(tiny_adapter):
-    with running_app(tiny_adapter) as (url, proc):
+    with running_app(tiny_adapter, DECODER="fp32") as (url, proc):  # fp32: the same tokens as a direct generate
         yield url, proc
 
 
@@ -28,7 +28,7 @@ def client(app):
 def engine(tiny_adapter):
     from dpo_space.serving import Engine
 
-    return Engine.load(tiny_adapter)
+    return Engine.load(tiny_adapter, decoder="fp32")
 
 
 def test_binds_loopback_and_documents_stable_endpoints(app, client):
@@ -142,7 +142,7 @@ def test_the_default_embedded_space_answers_sensibly():
                                api_name="/generate")  # fmt: skip
         assert "Paris" in reply
         info = client.predict(api_name="/info")
-        assert info["model"] == "embedded" and info["parameters"] == 134_515_008
+        assert info["model"] == "embedded" and info["parameters"] == 134_515_008 and info["decoder"] == "int4"
 
 
 def test_the_example_client_script_runs_against_the_app(app):

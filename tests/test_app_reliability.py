@@ -26,6 +26,13 @@ def forward(self, input_ids=None, *args, **kwargs):
         raise RuntimeError("injected fault in forward")
     return _forward(self, input_ids, *args, **kwargs)
 LlamaForCausalLM.forward = forward
+from dpo_space.decoder import LlamaDecoder
+_prefill = LlamaDecoder.prefill
+def prefill(self, token_ids):
+    if _crash_ids <= set(token_ids):
+        raise RuntimeError("injected fault in the decoder")
+    return _prefill(self, token_ids)
+LlamaDecoder.prefill = prefill
 """
 
 

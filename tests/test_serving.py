@@ -19,9 +19,10 @@ GREEDY = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition
               no_repeat_ngram_size=0, seed=0)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_adapter):
-    return Engine.load(tiny_adapter)
+@pytest.fixture(scope="module", params=["fp32", "generate"])
+def engine(request, tiny_adapter):
+    """Both ways the Space decodes: its LlamaDecoder (fp32 here, to compare tokens exactly) and ``generate``."""
+    return Engine.load(tiny_adapter, decoder=request.param)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,10 @@ def test_a_crashing_model_gives_a_clear_error_and_the_engine_recovers(engine, mo
     prepared = engine.prepare("Hello", MODE_REPLY, 4)
     settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 4})
     with monkeypatch.context() as patch:
-        patch.setattr(engine.policy.model, "generate", boom)
+        if engine.decoders:
+            patch.setattr(engine.decoders[False], "prefill", boom)
+        else:
+            patch.setattr(engine.policy.model, "generate", boom)
         started = time.monotonic()
         with pytest.raises(GenerationError, match="failed while generating"):
             list(engine.stream(prepared, settings))
@@ -220,7 +224,7 @@ def test_the_policy_decodes_merged_and_round_trips_leave_the_base_weights(engine
     settings = GenerationSettings.validated(**GREEDY)
     for _ in range(3):
         policy_text = list(engine.stream(prepared, settings))[-1]
-        assert layers and all(m.merged for m in layers)  # decoded with the adapter folded in
+        assert layers and all(m.merged for m in layers) != bool(engine.decoders)  # generate: the adapter folded in
         reference_text = list(engine.stream(prepared, settings, use_reference=True))[-1]
         assert not any(m.merged for m in layers)  # the reference is the base again, not a second copy
     original = AutoModelForCausalLM.from_pretrained(tiny_path).state_dict()

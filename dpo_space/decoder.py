@@ -1,0 +1,340 @@
+"""A lean Llama decoder for serving on CPU: weights packed once, one KV-cache row per request.
+
+``transformers``' ``generate`` spends most of a CPU decoding step in Python and small ops around the matmuls
+(47 ms a token for the embedded 135M model). This decoder runs the same Llama arithmetic with four fused
+matmuls per layer (q/k/v as one, gate/up as one) in one of two weight formats:
+
+* ``int4`` (the Space's default on CPU): 4-bit weights with a scale and a zero per 32 inputs, the layout of
+  GGUF's Q4_1 (the embedded model's own format, so its layers are repacked, not requantized, up to bf16
+  scales), decoded by PyTorch's own ``_weight_int4pack_mm_for_cpu``; the output layer in Q8_0's layout
+  (int8 per 32 inputs) as two int4 planes. Prompts of ``PREFILL_ROWS`` tokens or more use the same weights
+  as bf16 matrices on the CPU's matrix units. Close to fp32, not equal: ``tests/test_decoder.py`` bounds it.
+* ``fp32``: the fp32 weights, transposed once; the same greedy tokens as ``generate``.
+
+Rows decode together at their own positions: a request that arrives is prefilled into a new cache row and
+joins at the next step; a finished row's place is taken by the last row.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("int4", "fp32")  # of a decoder; its int4 keeps the output layer in q8
+FORMATS = ("int4", "q8", "fp32")  # of one matrix
+GROUP = 32  # int4 weights share a scale and a zero per 32 inputs: the layout of GGUF's Q4_1
+PREFILL_ROWS = 16  # from this many tokens on, a dequantized bf16 matmul beats the int4 kernel
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # the Space needs peft only for adapters
+        return False
+    return isinstance(model, PeftModel)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def supports(model) -> str | None:
+    """Why this decoder cannot run ``model`` (a Llama, or a plain LoRA adapter on one), or None if it can."""
+    if is_peft(model):
+        adapter = model.peft_config[model.active_adapter]
+        if adapter.peft_type != "LORA" or adapter.use_dora or adapter.lora_bias or adapter.modules_to_save:
+            return "the adapter is not a plain LoRA (DoRA, LoRA biases or saved modules)"
+        model = model.get_base_model()
+        if any(hasattr(m, "lora_A") and not n.endswith(PROJECTIONS) for n, m in model.named_modules()):
+            return "the adapter has LoRA layers outside the attention and MLP projections"
+    config = model.config
+    if config.model_type != "llama":
+        return f"model_type is {config.model_type!r}, not 'llama'"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "the model has linear biases"
+    if config.hidden_act != "silu":
+        return f"hidden_act is {config.hidden_act!r}, not 'silu'"
+    if next(model.parameters()).device.type != "cpu":
+        return "the model is not on the CPU"
+    return None
+
+
+class PackedLinear:
+    """``y = x @ W.T`` for a fixed ``W`` [out, in], in one of ``FORMATS``; plus ``(x @ A.T) @ B.T`` in fp32 when
+    given a LoRA adapter's ``lora = (A, B)`` and called with ``adapter=True``."""
+
+    def __init__(self, weight, weight_format: str, lora: tuple | None = None):
+        import torch
+
+        self.lora = None if lora is None else tuple(t.detach().float().t().contiguous() for t in lora)
+        if weight_format not in FORMATS:
+            raise ValueError(f"weight format must be one of {list(FORMATS)}; got {weight_format!r}")
+        weight = weight.detach().float()
+        rows, cols = weight.shape
+        self.format = weight_format
+        if weight_format == "fp32":
+            self.weight_t = weight.t().contiguous()  # x @ w.T decoded 1.1-3x faster than F.linear here
+            return
+        if cols % GROUP:
+            raise ValueError(f"{weight_format} needs input sizes divisible by {GROUP}; got {cols}")
+        groups = weight.view(rows, cols // GROUP, GROUP)
+        if weight_format == "int4":  # w = low + scale * level, level in 0..15: GGUF's Q4_1
+            low = groups.amin(-1, keepdim=True)
+            scale = (groups.amax(-1, keepdim=True) - low).clamp(min=1e-12) / 15
+            levels = ((groups - low) / scale).round().clamp(0, 15)
+            self.planes = [_int4_plane(levels, scale, low + 8 * scale)]
+            self.dense = (low + scale * levels).view(rows, cols).to(torch.bfloat16)  # the same weights, for prompts
+        else:  # q8: w = scale * level, level in -127..127: GGUF's Q8_0, run as two int4 planes, 16 * high + low
+            scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            levels = (groups / scale).round().clamp(-127, 127)
+            high = torch.div(levels, 16, rounding_mode="floor")  # -8..7
+            self.planes = [_int4_plane(high + 8, 16 * scale, torch.zeros_like(scale)),
+                           _int4_plane(levels - 16 * high, scale, 8 * scale)]  # fmt: skip
+            self.dense = (scale * levels).view(rows, cols).to(torch.bfloat16)
+
+    def __call__(self, x, adapter: bool = False):
+        """``x``: [rows, in] fp32 -> [rows, out]: fp32, or bf16 for the int4 formats without an adapter (adding it
+        to fp32 gives fp32)."""
+        y = self._base(x)
+        if adapter and self.lora:
+            y = y + (x.float() @ self.lora[0]) @ self.lora[1]
+        return y
+
+    def _base(self, x):
+        import torch
+
+        if self.format == "fp32":
+            return x @ self.weight_t
+        x = x.to(torch.bfloat16)
+        if x.shape[0] >= PREFILL_ROWS:  # a prompt: one bf16 matmul on the CPU's matrix units
+            return torch.nn.functional.linear(x, self.dense)
+        out = [torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz) for packed, sz in self.planes]
+        return out[0] if len(out) == 1 else out[0].float() + out[1].float()
+
+
+def _int4_plane(levels, scale, zero):
+    """Levels 0..15 [out, in] packed for ``_weight_int4pack_mm_for_cpu``, which computes (level - 8) * scale + zero
+    per group."""
+    import torch
+
+    rows = levels.shape[0]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.reshape(rows, -1).int(), 1)
+    return packed, torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def fused(modules: list, weight_format: str) -> PackedLinear:
+    """One matmul for ``modules`` (plain or PEFT LoRA linears) whose outputs are concatenated. Their LoRA
+    adapters stay apart from the packed base weights (4 bits would round a small update away): A stacked,
+    B block-diagonal, B scaled."""
+    import torch
+
+    weights, a_parts, b_parts = [], [], []
+    for module in modules:
+        lora = lora_of(module)
+        base = module.base_layer if hasattr(module, "base_layer") else module
+        weights.append(base.weight)
+        rank = 0 if lora is None else lora[0].shape[0]
+        a_parts.append(lora[0] if lora else base.weight.new_zeros(0, base.weight.shape[1]))
+        b_parts.append(lora[1] if lora else base.weight.new_zeros(base.weight.shape[0], rank))
+    lora = None
+    if any(a.shape[0] for a in a_parts):
+        lora = (torch.cat(a_parts), torch.block_diag(*b_parts))
+    return PackedLinear(torch.cat(weights), weight_format, lora)
+
+
+def lora_of(module) -> tuple | None:
+    """``(A, B * scaling)`` of a PEFT LoRA linear's active adapter, or None for a plain linear."""
+    if not hasattr(module, "lora_A"):
+        return None
+    if getattr(module, "merged", False):
+        raise ValueError("unmerge the adapter before building a decoder (its base weights hold the update)")
+    name = module.active_adapters[0]
+    return module.lora_A[name].weight, module.lora_B[name].weight * module.scaling[name]
+
+
+class Layer:
+    def __init__(self, layer, weight_format: str):
+        attention, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight.detach().float().clone()
+        self.qkv = fused([attention.q_proj, attention.k_proj, attention.v_proj], weight_format)
+        self.out = fused([attention.o_proj], weight_format)
+        self.post_norm = layer.post_attention_layernorm.weight.detach().float().clone()
+        self.gate_up = fused([mlp.gate_proj, mlp.up_proj], weight_format)
+        self.down = fused([mlp.down_proj], weight_format)
+
+
+class LlamaDecoder:
+    """Decode up to ``max_rows`` sequences of one Llama model together (see the module docstring).
+
+    ``model``: a Llama, or a PEFT LoRA model on one; it is read once (later changes do not reach the decoder).
+    ``adapter``: whether this decoder applies the LoRA adapter; ``without_adapter()`` gives the other view, which
+    shares the weights and the cache (run one at a time)."""
+
+    def __init__(self, model, weight_format: str = "int4", max_rows: int = 8):
+        import torch
+
+        self.adapter = is_peft(model)
+        model = model.get_base_model() if self.adapter else model
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format must be one of {list(WEIGHT_FORMATS)}; got {weight_format!r}")
+        reason = supports(model)
+        if reason:
+            raise ValueError(f"LlamaDecoder cannot run this model: {reason}")
+        config = model.config
+        self.format = weight_format
+        self.prefill_dtype = torch.bfloat16 if weight_format == "int4" else torch.float32  # attention over a prompt
+        self.max_rows = max_rows
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.max_positions = config.max_position_embeddings
+        with torch.no_grad():
+            self.embed = model.get_input_embeddings().weight.detach().float().clone()
+            self.layers = [Layer(layer, weight_format) for layer in model.model.layers]
+            self.norm = model.model.norm.weight.detach().float().clone()
+            head_format = "q8" if weight_format == "int4" else weight_format  # logits need more than 4 bits
+            self.lm_head = PackedLinear(model.get_output_embeddings().weight, head_format)
+        self.rotary = model.model.rotary_emb  # inv_freq and scaling of this model's RoPE (no weights)
+        self.keys: list = []
+        self.values: list = []
+        self.lengths: list[int] = []  # tokens cached per row; a row's next position
+
+    def without_adapter(self) -> LlamaDecoder:
+        import copy
+
+        view = copy.copy(self)
+        view.adapter = False
+        return view
+
+    # --- cache rows ---
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def reset(self) -> None:
+        self.lengths = []
+
+    def _ensure_capacity(self, needed: int) -> None:
+        import torch
+
+        capacity = self.keys[0].shape[2] if self.keys else 0
+        if needed <= capacity:
+            return
+        size = max(256, capacity)
+        while size < needed:
+            size *= 2
+        shape = (self.max_rows, self.kv_heads, size, self.head_dim)
+        for cache in (self.keys, self.values):
+            for i in range(len(self.layers)):
+                grown = torch.zeros(shape)
+                if capacity:
+                    grown[:, :, :capacity] = cache[i]
+                if i < len(cache):
+                    cache[i] = grown
+                else:
+                    cache.append(grown)
+
+    def remove_row(self, row: int) -> None:
+        """Drop a row; the last row moves into its place (the caller reorders its own list the same way)."""
+        last = self.rows - 1
+        if row != last:
+            n = self.lengths[last]
+            for cache in (*self.keys, *self.values):
+                cache[row, :, :n] = cache[last, :, :n]
+            self.lengths[row] = n
+        self.lengths.pop()
+
+    # --- the model ---
+
+    def _rms(self, x, weight):
+        import torch
+
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, self.eps)
+
+    def _rope(self, x, cos, sin):
+        """x: [rows, heads, tokens, dim]; cos, sin: [rows, 1, tokens, dim]."""
+        import torch
+
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _cos_sin(self, positions):
+        """positions: [rows, tokens] -> cos, sin of shape [rows, 1, tokens, head_dim]."""
+        cos, sin = self.rotary(self.embed[:1], positions)
+        return cos.float()[:, None], sin.float()[:, None]
+
+    def prefill(self, token_ids: list[int]):
+        """Add a row holding ``token_ids``; return the logits [vocab] for the token after them."""
+        import torch
+
+        if self.rows >= self.max_rows:
+            raise ValueError(f"all {self.max_rows} rows are in use")
+        n = len(token_ids)
+        if not 0 < n <= self.max_positions:
+            raise ValueError(f"a prompt must have 1 to {self.max_positions} tokens; got {n}")
+        row = self.rows
+        self._ensure_capacity(n)
+        with torch.no_grad():
+            x = self.embed[torch.tensor(token_ids)]  # [n, hidden]
+            cos, sin = self._cos_sin(torch.arange(n)[None])
+            q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            for i, layer in enumerate(self.layers):
+                qkv = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+                q = self._rope(q.view(1, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+                k = self._rope(k.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+                v = v.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+                self.keys[i][row, :, :n] = k[0]
+                self.values[i][row, :, :n] = v[0]
+                attended = torch.nn.functional.scaled_dot_product_attention(
+                    *(t.to(self.prefill_dtype) for t in (q, k, v)), is_causal=True, enable_gqa=True
+                )
+                x = x + layer.out(attended[0].transpose(0, 1).reshape(n, q_size), self.adapter)
+                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).float().chunk(2, dim=-1)
+                x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
+            logits = self.lm_head(self._rms(x[-1:], self.norm))[0].float()
+        self.lengths.append(n)
+        return logits
+
+    def decode(self, token_ids: list[int]):
+        """Feed each row its next token (one per row, in row order); return the logits [rows, vocab]."""
+        import torch
+
+        rows = self.rows
+        assert len(token_ids) == rows, (len(token_ids), rows)
+        positions = torch.tensor(self.lengths)
+        width = int(positions.max()) + 1
+        if width > self.max_positions:
+            raise ValueError(f"a sequence would exceed the model's {self.max_positions} positions")
+        self._ensure_capacity(width)
+        group = self.heads // self.kv_heads
+        row_index = torch.arange(rows)
+        # One query per row: the heads sharing a key/value head become that head's queries (exact GQA, no copy).
+        visible = (torch.arange(width)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, width]
+        with torch.no_grad():
+            x = self.embed[torch.tensor(token_ids)]  # [rows, hidden]
+            cos, sin = self._cos_sin(positions[:, None])
+            q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            for i, layer in enumerate(self.layers):
+                qkv = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
+                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+                q = self._rope(q.view(rows, self.heads, 1, self.head_dim), cos, sin)
+                k = self._rope(k.view(rows, self.kv_heads, 1, self.head_dim), cos, sin)
+                keys, values = self.keys[i], self.values[i]
+                keys[row_index, :, positions] = k[:, :, 0]
+                values[row_index, :, positions] = v.view(rows, self.kv_heads, self.head_dim)
+                attended = torch.nn.functional.scaled_dot_product_attention(
+                    q.view(rows, self.kv_heads, group, self.head_dim),
+                    keys[:rows, :, :width],
+                    values[:rows, :, :width],
+                    attn_mask=visible,
+                )
+                x = x + layer.out(attended.reshape(rows, q_size), self.adapter)
+                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).float().chunk(2, dim=-1)
+                x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
+            logits = self.lm_head(self._rms(x, self.norm)).float()
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits
