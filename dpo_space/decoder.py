@@ -92,24 +92,37 @@ class PackedLinear:
                            _int4_plane(levels - 16 * high, scale, 8 * scale)]  # fmt: skip
             self.dense = (scale * levels).view(rows, cols).to(torch.bfloat16)
 
-    def __call__(self, x, adapter: bool = False):
-        """``x``: [rows, in] fp32 -> [rows, out]: fp32, or bf16 for the int4 formats without an adapter (adding it
-        to fp32 gives fp32)."""
-        y = self._base(x)
-        if adapter and self.lora:
-            y = y + (x.float() @ self.lora[0]) @ self.lora[1]
-        return y
+    def parts(self, adapter: bool) -> tuple:
+        """What ``matmul`` takes: (the weight's tensors, the adapter's (A.T, B.T) or ())."""
+        weight = (self.weight_t,) if self.format == "fp32" else self.planes[0]
+        return weight, self.lora if adapter and self.lora else ()
 
-    def _base(self, x):
+    def __call__(self, x, adapter: bool = False):
+        """``x``: [rows, in] -> [rows, out]: fp32, or bf16 for the int4 formats without an adapter (adding it to
+        fp32 gives fp32)."""
         import torch
 
-        if self.format == "fp32":
-            return x @ self.weight_t
-        x = x.to(torch.bfloat16)
-        if x.shape[0] >= PREFILL_ROWS:  # a prompt: one bf16 matmul on the CPU's matrix units
-            return torch.nn.functional.linear(x, self.dense)
-        out = [torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz) for packed, sz in self.planes]
-        return out[0] if len(out) == 1 else out[0].float() + out[1].float()
+        if self.format == "q8":
+            x = x.to(torch.bfloat16)
+            return sum(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz).float() for p, sz in self.planes)
+        if self.format == "int4" and x.shape[0] >= PREFILL_ROWS:  # a prompt: bf16 on the CPU's matrix units
+            y = torch.nn.functional.linear(x.to(torch.bfloat16), self.dense)
+            return y + (x.float() @ self.lora[0]) @ self.lora[1] if adapter and self.lora else y
+        return matmul(x, *self.parts(adapter))
+
+
+def matmul(x, weight: tuple, lora: tuple):
+    """``x @ W.T`` (+ the adapter's ``(x @ A.T) @ B.T``) from ``PackedLinear.parts``: plain tensors, so that
+    ``torch.compile`` sees the same graph for every layer."""
+    import torch
+
+    if len(weight) == 1:
+        y = x @ weight[0]
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight[0], GROUP, weight[1])
+    if lora:
+        y = torch.addmm(y.float(), x.float() @ lora[0], lora[1])
+    return y
 
 
 def _int4_plane(levels, scale, zero):
@@ -161,6 +174,47 @@ class Layer:
         self.post_norm = layer.post_attention_layernorm.weight.detach().float().clone()
         self.gate_up = fused([mlp.gate_proj, mlp.up_proj], weight_format)
         self.down = fused([mlp.down_proj], weight_format)
+        self.parts = {adapter: (self.input_norm, self.post_norm, *(m.parts(adapter) for m in self.matrices))
+                      for adapter in (False, True)}  # fmt: skip
+
+    @property
+    def matrices(self) -> tuple:
+        return self.qkv, self.out, self.gate_up, self.down
+
+
+def rope(x, cos, sin):
+    """x: [rows, heads, tokens, dim]; cos, sin: [rows, 1, tokens, dim]."""
+    import torch
+
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def decode_layer(x, cos, sin, row_index, positions, visible, keys, values, parts: tuple, heads: int, eps: float):
+    """One layer of ``LlamaDecoder.decode``: x [rows, hidden] at ``positions``; writes this layer's cache rows.
+
+    One query per row: the heads that share a key/value head become its queries (exact GQA, no copy)."""
+    import torch
+
+    input_norm, post_norm, qkv, out, gate_up, down = parts
+    rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
+    q_size, kv_size, width = heads * head_dim, kv_heads * head_dim, visible.shape[-1]
+    hidden = torch.nn.functional.rms_norm(x, input_norm.shape, input_norm, eps)
+    q, k, v = matmul(hidden, *qkv).float().split([q_size, kv_size, kv_size], dim=-1)
+    q = rope(q.view(rows, heads, 1, head_dim), cos, sin)
+    k = rope(k.view(rows, kv_heads, 1, head_dim), cos, sin)
+    keys[row_index, :, positions] = k[:, :, 0]
+    values[row_index, :, positions] = v.view(rows, kv_heads, head_dim)
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        q.view(rows, kv_heads, heads // kv_heads, head_dim),
+        keys[:rows, :, :width],
+        values[:rows, :, :width],
+        attn_mask=visible,
+    )
+    x = x + matmul(attended.reshape(rows, q_size), *out)
+    hidden = torch.nn.functional.rms_norm(x, post_norm.shape, post_norm, eps)
+    gate, up = matmul(hidden, *gate_up).float().chunk(2, dim=-1)
+    return x + matmul(torch.nn.functional.silu(gate) * up, *down)
 
 
 class LlamaDecoder:
@@ -170,7 +224,7 @@ class LlamaDecoder:
     ``adapter``: whether this decoder applies the LoRA adapter; ``without_adapter()`` gives the other view, which
     shares the weights and the cache (run one at a time)."""
 
-    def __init__(self, model, weight_format: str = "int4", max_rows: int = 8):
+    def __init__(self, model, weight_format: str = "int4", max_rows: int = 8, compile: bool = False):
         import torch
 
         self.adapter = is_peft(model)
@@ -195,10 +249,29 @@ class LlamaDecoder:
             self.norm = model.model.norm.weight.detach().float().clone()
             head_format = "q8" if weight_format == "int4" else weight_format  # logits need more than 4 bits
             self.lm_head = PackedLinear(model.get_output_embeddings().weight, head_format)
+        # torch.compile fuses a layer's small ops into a few kernels: one graph for all layers (their weights are
+        # arguments), recompiled for one row and for several, with the adapter and without.
+        self._decode_layer = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
+        self.compiled = compile
         self.rotary = model.model.rotary_emb  # inv_freq and scaling of this model's RoPE (no weights)
         self.keys: list = []
         self.values: list = []
         self.lengths: list[int] = []  # tokens cached per row; a row's next position
+
+    def warm_up(self) -> float:
+        """Decode a few steps with one row and with two, so a compiled decoder compiles now and not on the first
+        request; return the seconds it took. The cache is left empty."""
+        import time
+
+        started = time.perf_counter()
+        for rows in (1, 2):
+            self.reset()
+            for _ in range(rows):
+                self.prefill([0])
+            for _ in range(2):
+                self.decode([0] * rows)
+        self.reset()
+        return time.perf_counter() - started
 
     def without_adapter(self) -> LlamaDecoder:
         import copy
@@ -253,14 +326,6 @@ class LlamaDecoder:
 
         return torch.nn.functional.rms_norm(x, weight.shape, weight, self.eps)
 
-    def _rope(self, x, cos, sin):
-        """x: [rows, heads, tokens, dim]; cos, sin: [rows, 1, tokens, dim]."""
-        import torch
-
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     def _cos_sin(self, positions):
         """positions: [rows, tokens] -> cos, sin of shape [rows, 1, tokens, head_dim]."""
         cos, sin = self.rotary(self.embed[:1], positions)
@@ -284,8 +349,8 @@ class LlamaDecoder:
             for i, layer in enumerate(self.layers):
                 qkv = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
                 q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-                q = self._rope(q.view(1, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-                k = self._rope(k.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+                q = rope(q.view(1, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+                k = rope(k.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
                 v = v.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
                 self.keys[i][row, :, :n] = k[0]
                 self.values[i][row, :, :n] = v[0]
@@ -310,31 +375,14 @@ class LlamaDecoder:
         if width > self.max_positions:
             raise ValueError(f"a sequence would exceed the model's {self.max_positions} positions")
         self._ensure_capacity(width)
-        group = self.heads // self.kv_heads
         row_index = torch.arange(rows)
-        # One query per row: the heads sharing a key/value head become that head's queries (exact GQA, no copy).
         visible = (torch.arange(width)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, width]
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [rows, hidden]
             cos, sin = self._cos_sin(positions[:, None])
-            q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
             for i, layer in enumerate(self.layers):
-                qkv = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
-                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-                q = self._rope(q.view(rows, self.heads, 1, self.head_dim), cos, sin)
-                k = self._rope(k.view(rows, self.kv_heads, 1, self.head_dim), cos, sin)
-                keys, values = self.keys[i], self.values[i]
-                keys[row_index, :, positions] = k[:, :, 0]
-                values[row_index, :, positions] = v.view(rows, self.kv_heads, self.head_dim)
-                attended = torch.nn.functional.scaled_dot_product_attention(
-                    q.view(rows, self.kv_heads, group, self.head_dim),
-                    keys[:rows, :, :width],
-                    values[:rows, :, :width],
-                    attn_mask=visible,
-                )
-                x = x + layer.out(attended.reshape(rows, q_size), self.adapter)
-                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).float().chunk(2, dim=-1)
-                x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
+                x = self._decode_layer(x, cos, sin, row_index, positions, visible, self.keys[i], self.values[i],
+                                       layer.parts[self.adapter], self.heads, self.eps)  # fmt: skip
             logits = self.lm_head(self._rms(x, self.norm)).float()
         self.lengths = [n + 1 for n in self.lengths]
         return logits

@@ -114,7 +114,7 @@ class Engine:
 
     def __init__(
         self, policy: LoadedModel, reference: LoadedModel | None, beta: float, max_input_tokens: int,
-        decoder: str = "auto",
+        decoder: str = "auto", compile: bool = False,
     ):  # fmt: skip
         self.policy = policy
         self.reference = reference  # None: the reference is the policy with its adapter disabled, or itself
@@ -125,13 +125,18 @@ class Engine:
         self._lock = threading.Lock()  # one batch or scoring at a time: the adapter toggle is global to the model
         self._count_lock = threading.Lock()
         self._requests: set[Request] = set()
-        self.decoders = self._build_decoders(decoder)  # {use_reference: LlamaDecoder}, or None: generate
+        self.decoders = self._build_decoders(decoder, compile)  # {use_reference: LlamaDecoder}, or None: generate
 
     # --- loading ---
 
     @classmethod
     def load(
-        cls, model_id: str, ref_model_id: str | None = None, dtype: str = "auto", decoder: str = "auto"
+        cls,
+        model_id: str,
+        ref_model_id: str | None = None,
+        dtype: str = "auto",
+        decoder: str = "auto",
+        compile: bool = False,
     ) -> Engine:
         import torch
 
@@ -142,9 +147,10 @@ class Engine:
         reference = load_model(ref_model_id, dtype=torch_dtype, device=device) if ref_model_id else None
         max_input = int(os.environ.get("MAX_INPUT_TOKENS", "1024"))
         logger.info("Loaded %s (%s, %s); reference: %s", model_id, torch_dtype, device, ref_model_id or "shared")
-        return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input, decoder=decoder)
+        return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input, decoder=decoder,
+                   compile=compile)  # fmt: skip
 
-    def _build_decoders(self, choice: str) -> dict | None:
+    def _build_decoders(self, choice: str, compile: bool) -> dict | None:
         """``auto``: int4 ``LlamaDecoder``s where they run (a Llama on the CPU), else ``generate``. An adapter's
         reference is the same decoder with the adapter off."""
         from dpo_space.decoder import WEIGHT_FORMATS, LlamaDecoder, supports
@@ -159,11 +165,15 @@ class Engine:
         if reason:
             raise ValueError(f"DECODER={choice} cannot run this model: {reason}; use DECODER=generate")
         weight_format = "int4" if choice == "auto" else choice
-        policy = LlamaDecoder(models[0], weight_format, max_rows=self.max_batch)
+        build = functools.partial(LlamaDecoder, weight_format=weight_format, max_rows=self.max_batch, compile=compile)
+        policy = build(models[0])
         if self.reference is not None:
-            reference = LlamaDecoder(models[1], weight_format, max_rows=self.max_batch)
+            reference = build(models[1])
         else:  # as scoring.reference_model: the base with the adapter off, or the policy itself
             reference = policy.without_adapter()
+        if compile:
+            seconds = policy.warm_up() + (reference.warm_up() if reference.adapter != policy.adapter else 0)
+            logger.info("Compiled the decoders in %.0f s", seconds)
         logger.info("Decoding with %s LlamaDecoders", weight_format)
         return {False: policy, True: reference}
 

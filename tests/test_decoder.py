@@ -156,3 +156,15 @@ def test_int4_keeps_the_lora_adapter_apart_so_the_policy_still_differs_from_its_
     expected, got = torch.cat(expected), torch.cat(got)
     assert expected.abs().mean() > 0.05  # the adapter does move the model
     assert torch.corrcoef(torch.stack([expected, got]))[0, 1] > 0.95
+
+
+def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
+    """DECODER_COMPILE=1: torch.compile fuses each layer's small ops (one graph for one row, one for several)."""
+    eager, compiled = LlamaDecoder(tiny_model, "fp32"), LlamaDecoder(tiny_model, "fp32", compile=True)
+    assert compiled.warm_up() > 0 and compiled.rows == 0
+    for decoder in (eager, compiled):
+        decoder.prefill([5, 6, 7])
+        decoder.prefill(list(range(40, 60)))
+    for step in range(4):
+        tokens = [100 + step, 200 + step]
+        assert torch.allclose(compiled.decode(tokens), eager.decode(tokens), atol=1e-4)
