@@ -1,9 +1,11 @@
 """Single-stream decode levers, measured rather than assumed: dtype, a merged LoRA, a static cache with
-``torch.compile``, int8 weight-only quantization.
+``torch.compile``, int8 weight-only quantization, and the Space's ``LlamaDecoder`` (fp32, int4, compiled, with
+the LoRA adapter kept apart).
 
     python -m bench.levers [--model embedded] [--adapter models/smollm2-135m-dpo-hh-lora] [--new-tokens 128]
 
-Each lever decodes ``--new-tokens`` greedy tokens after a ~20-token prompt with plain ``generate``: one warm-up
+Each lever decodes ``--new-tokens`` greedy tokens after a ~20-token prompt (``generate``, or the decoder's own
+loop): one warm-up
 call of the same shape (where ``torch.compile`` compiles: its time is reported apart), then the median of
 ``--repeats`` measured calls (single runs on this 2-core machine varied by up to a third).
 ``int8`` needs ``torchao`` (optional, not in the requirements: ``.venv/bin/pip install torchao==0.18.0``).
@@ -31,6 +33,11 @@ LEVERS = {
     "static cache + torch.compile, bf16": {"compile": True, "dtype": "bfloat16"},
     "int8 weight-only (torchao), eager": {"int8": True},
     "int8 weight-only (torchao) + compile": {"int8": True, "compile": True},
+    "LlamaDecoder fp32": {"decoder": "fp32"},
+    "LlamaDecoder int4 (served)": {"decoder": "int4"},
+    "LlamaDecoder int4 + torch.compile": {"decoder": "int4", "compile": True},
+    "LlamaDecoder int4, LoRA apart (served)": {"decoder": "int4", "adapter": True},
+    "LlamaDecoder int4, LoRA apart + compile": {"decoder": "int4", "adapter": True, "compile": True},
 }
 
 
@@ -50,6 +57,25 @@ def decode(model, tokenizer, new_tokens: int, lever: dict, repeats: int) -> dict
             started = time.perf_counter()
             model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
             timings.append(time.perf_counter() - started)
+    return {"decode_tok_s": new_tokens / statistics.median(timings[1:]), "warmup_s": timings[0],
+            "runs_tok_s": [new_tokens / t for t in timings[1:]]}  # fmt: skip
+
+
+def decode_with_decoder(model, tokenizer, new_tokens: int, lever: dict, repeats: int) -> dict:
+    """The Space's decoder: prefill, then one ``decode`` call a token, greedy."""
+    from dpo_space.decoder import LlamaDecoder
+
+    decoder = LlamaDecoder(model, lever["decoder"], max_rows=1, compile=lever.get("compile", False))
+    ids = tokenizer(PROMPT)["input_ids"]
+    timings = []
+    for _ in range(1 + repeats):
+        started = time.perf_counter()
+        decoder.reset()
+        token = int(decoder.prefill(ids).argmax())
+        for _ in range(new_tokens - 1):
+            token = int(decoder.decode([token])[0].argmax())
+        timings.append(time.perf_counter() - started)
+    timings[0] += decoder.warm_up() if lever.get("compile") else 0.0
     return {"decode_tok_s": new_tokens / statistics.median(timings[1:]), "warmup_s": timings[0],
             "runs_tok_s": [new_tokens / t for t in timings[1:]]}  # fmt: skip
 
@@ -81,7 +107,8 @@ def main() -> None:
             from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
             quantize_(model, Int8WeightOnlyConfig())
-        rows.append({"lever": name, **decode(model, loaded.tokenizer, args.new_tokens, lever, args.repeats)})
+        run = decode_with_decoder if lever.get("decoder") else decode
+        rows.append({"lever": name, **run(model, loaded.tokenizer, args.new_tokens, lever, args.repeats)})
         print(rows[-1], flush=True)
         torch._dynamo.reset()
 

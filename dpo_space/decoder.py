@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_FORMATS = ("int4", "fp32")  # of a decoder; its int4 keeps the output layer in q8
 FORMATS = ("int4", "q8", "fp32")  # of one matrix
 GROUP = 32  # int4 weights share a scale and a zero per 32 inputs: the layout of GGUF's Q4_1
+MIN_CACHE = 256  # positions a cache starts with
 PREFILL_ROWS = 16  # from this many tokens on, a dequantized bf16 matmul beats the int4 kernel
 
 
@@ -190,7 +191,8 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def decode_layer(x, cos, sin, row_index, positions, visible, keys, values, parts: tuple, heads: int, eps: float):
+def decode_layer(x, cos, sin, row_index, positions, visible, width: int, keys, values, parts: tuple, heads: int,
+                 eps: float):  # fmt: skip
     """One layer of ``LlamaDecoder.decode``: x [rows, hidden] at ``positions``; writes this layer's cache rows.
 
     One query per row: the heads that share a key/value head become its queries (exact GQA, no copy)."""
@@ -198,7 +200,7 @@ def decode_layer(x, cos, sin, row_index, positions, visible, keys, values, parts
 
     input_norm, post_norm, qkv, out, gate_up, down = parts
     rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
-    q_size, kv_size, width = heads * head_dim, kv_heads * head_dim, visible.shape[-1]
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
     hidden = torch.nn.functional.rms_norm(x, input_norm.shape, input_norm, eps)
     q, k, v = matmul(hidden, *qkv).float().split([q_size, kv_size, kv_size], dim=-1)
     q = rope(q.view(rows, heads, 1, head_dim), cos, sin)
@@ -289,21 +291,24 @@ class LlamaDecoder:
     def reset(self) -> None:
         self.lengths = []
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def _ensure_capacity(self, rows: int, length: int) -> None:
+        """Grow the cache to hold ``rows`` rows of ``length`` positions: each size doubles (lengths from
+        ``MIN_CACHE``), so a quiet server keeps a small cache and a growing one copies it rarely."""
         import torch
 
-        capacity = self.keys[0].shape[2] if self.keys else 0
-        if needed <= capacity:
+        have = tuple(self.keys[0].shape[::2]) if self.keys else (0, 0)  # (rows, length)
+        if rows <= have[0] and length <= have[1]:
             return
-        size = max(256, capacity)
-        while size < needed:
-            size *= 2
-        shape = (self.max_rows, self.kv_heads, size, self.head_dim)
+        want = [max(1, have[0]), max(MIN_CACHE, have[1])]
+        while want[0] < rows:
+            want[0] = min(2 * want[0], self.max_rows)
+        while want[1] < length:
+            want[1] *= 2
         for cache in (self.keys, self.values):
             for i in range(len(self.layers)):
-                grown = torch.zeros(shape)
-                if capacity:
-                    grown[:, :, :capacity] = cache[i]
+                grown = torch.zeros(want[0], self.kv_heads, want[1], self.head_dim)
+                if have[0]:
+                    grown[: have[0], :, : have[1]] = cache[i]
                 if i < len(cache):
                     cache[i] = grown
                 else:
@@ -341,7 +346,7 @@ class LlamaDecoder:
         if not 0 < n <= self.max_positions:
             raise ValueError(f"a prompt must have 1 to {self.max_positions} tokens; got {n}")
         row = self.rows
-        self._ensure_capacity(n)
+        self._ensure_capacity(row + 1, n)
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [n, hidden]
             cos, sin = self._cos_sin(torch.arange(n)[None])
@@ -374,14 +379,16 @@ class LlamaDecoder:
         width = int(positions.max()) + 1
         if width > self.max_positions:
             raise ValueError(f"a sequence would exceed the model's {self.max_positions} positions")
-        self._ensure_capacity(width)
+        self._ensure_capacity(rows, width)
         row_index = torch.arange(rows)
         visible = (torch.arange(width)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, width]
+        visible = None if rows == 1 else visible  # one row sees its whole cache: SDPA's faster unmasked path
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [rows, hidden]
             cos, sin = self._cos_sin(positions[:, None])
             for i, layer in enumerate(self.layers):
-                x = self._decode_layer(x, cos, sin, row_index, positions, visible, self.keys[i], self.values[i],
+                cache = self.keys[i], self.values[i]
+                x = self._decode_layer(x, cos, sin, row_index, positions, visible, width, *cache,
                                        layer.parts[self.adapter], self.heads, self.eps)  # fmt: skip
             logits = self.lm_head(self._rms(x, self.norm)).float()
         self.lengths = [n + 1 for n in self.lengths]

@@ -223,8 +223,9 @@ class Engine:
     def stream(
         self, prompt: PreparedPrompt, settings: GenerationSettings, use_reference: bool = False
     ) -> Iterator[str]:
-        """Yield the growing reply. Concurrent streams are batched together. Closing the iterator (Stop, a closed
-        tab) ends this stream at the next token and leaves the others running."""
+        """Yield the growing reply. Concurrent streams are batched together. Tokens that arrive while the reader is
+        busy (a loaded server) come as one update. Closing the iterator (Stop, a closed tab) ends this stream at the
+        next token and leaves the others running."""
         request = Request(prompt.input_ids, settings, use_reference)
         with self._count_lock:  # forget finished requests here too, so the set stays small without /info calls
             self._requests = {r for r in self._requests if not r.finished.is_set()} | {request}
@@ -233,25 +234,27 @@ class Engine:
         try:
             while True:
                 try:
-                    item = request.tokens.get(timeout=self.stream_timeout)
+                    items = [request.tokens.get(timeout=self.stream_timeout)]
                 except queue.Empty:
                     if not request.started.is_set():
                         continue  # still waiting for its batch: the queue in front bounds the wait
                     raise GenerationError(
                         f"the model produced nothing for {self.stream_timeout:g} s; try again"
                     ) from None
-                if item is END:
-                    break
-                if isinstance(item, BaseException):
-                    logger.error("generation failed", exc_info=item)
+                while items[-1] is not END and not isinstance(items[-1], BaseException) and not request.tokens.empty():
+                    items.append(request.tokens.get_nowait())  # tokens that came while the reader was busy: one update
+                tokens += [item for item in items if isinstance(item, int)]
+                if isinstance(items[-1], BaseException):
+                    logger.error("generation failed", exc_info=items[-1])
                     raise GenerationError(
-                        f"the model failed while generating ({type(item).__name__}); try again"
-                    ) from item
-                tokens.append(item)
+                        f"the model failed while generating ({type(items[-1]).__name__}); try again"
+                    ) from items[-1]
                 decoded = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if decoded != text and not decoded.endswith("\ufffd"):  # wait for a whole UTF-8 character
                     text = decoded
                     yield text
+                if items[-1] is END:
+                    break
         finally:
             self.batcher.withdraw(request)
 
