@@ -32,7 +32,7 @@ def test_fp32_rows_that_join_and_leave_match_the_model_token_by_token(tiny_model
     """Rows of different lengths, one joining mid-way and one leaving (the last row moves into its place): every
     row's logits equal a plain forward over that row's whole sequence."""
     decoder = LlamaDecoder(tiny_model, "fp32", max_rows=3)
-    sequences = {"a": [5, 17, 300, 42], "b": list(range(100, 350)), "c": [9, 8, 7]}  # "b" outgrows MIN_CACHE
+    sequences = {"a": [5, 17, 300, 42], "b": list(range(100, 360)), "c": [9, 8, 7]}  # "b" outgrows MIN_CACHE
     rows = []
 
     def check(name, logits):
