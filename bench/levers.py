@@ -28,7 +28,7 @@ LEVERS = {
     "eager fp32 (the baseline)": {},
     "eager bf16": {"dtype": "bfloat16"},
     "LoRA adapter, unmerged, fp32": {"adapter": True},
-    "LoRA adapter, merged, fp32 (served)": {"adapter": True, "merge": True},
+    "LoRA adapter, merged, fp32": {"adapter": True, "merge": True},
     "static cache + torch.compile, fp32": {"compile": True},
     "static cache + torch.compile, bf16": {"compile": True, "dtype": "bfloat16"},
     "int8 weight-only (torchao), eager": {"int8": True},

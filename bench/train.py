@@ -9,7 +9,9 @@ recipe cannot win by learning less:
   copy, gradient checkpointing, bf16, lr 5e-7) on ``--model``;
 - ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off)
   with the reference log-probs computed at every step;
-- ``lora-precomputed-ref``: the recipe as it is: the reference log-probs computed once before training.
+- ``lora-precomputed-ref``: the recipe with the reference log-probs computed once before training;
+- ``lora-bf16-weights``: the same with the frozen base weights stored in bf16 (the adapter stays fp32) and
+  held-out batches of 2 pairs.
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -34,6 +36,8 @@ CONFIGS = {
                  "--max_length", "512"],
     "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false"],
     "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe's default
+    "lora-bf16-weights": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--dtype", "bfloat16",
+                          "--per_device_eval_batch_size", "2"],
 }  # fmt: skip
 
 

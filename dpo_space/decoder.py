@@ -266,7 +266,7 @@ class LlamaDecoder:
         import time
 
         started = time.perf_counter()
-        for rows in (1, 2):
+        for rows in sorted({1, min(2, self.max_rows)}):
             self.reset()
             for _ in range(rows):
                 self.prefill([0])
