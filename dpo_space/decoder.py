@@ -363,7 +363,7 @@ class LlamaDecoder:
                     *(t.to(self.prefill_dtype) for t in (q, k, v)), is_causal=True, enable_gqa=True
                 )
                 x = x + layer.out(attended[0].transpose(0, 1).reshape(n, q_size), self.adapter)
-                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).float().chunk(2, dim=-1)
+                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).chunk(2, dim=-1)  # bf16 for int4
                 x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
             logits = self.lm_head(self._rms(x[-1:], self.norm))[0].float()
         self.lengths.append(n)
