@@ -15,7 +15,8 @@ GREEDY = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition
 
 @pytest.fixture(scope="module")
 def app(tiny_adapter):
-    with running_app(tiny_adapter, DECODER="fp32") as (url, proc):  # fp32: the same tokens as a direct generate
+    # fp32: the same tokens as a direct generate; an update per token, to see the stream on a fast tiny model
+    with running_app(tiny_adapter, DECODER="fp32", STREAM_INTERVAL="0") as (url, proc):
         yield url, proc
 
 

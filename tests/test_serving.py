@@ -91,6 +91,19 @@ def test_stream_yields_growing_prefixes_equal_to_direct_greedy_generate(engine):
     assert chunks[-1] == engine.tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def test_updates_come_at_most_once_per_interval_and_end_with_the_whole_reply(engine, monkeypatch):
+    monkeypatch.setattr(engine, "stream_interval", 0.15)
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 300)
+    settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 300})
+    stamps, chunks = [], []
+    for chunk in engine.stream(prepared, settings):
+        stamps.append(time.monotonic())
+        chunks.append(chunk)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:-1], strict=False)]  # the last update comes at the end
+    assert len(chunks) >= 2 and all(gap >= 0.15 for gap in gaps), gaps
+    assert chunks[-1] == direct_greedy(engine, prepared.input_ids, max_new_tokens=300)
+
+
 def test_closing_the_stream_stops_the_model_within_a_second(engine):
     settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 1024, "repetition_penalty": 1.3})
     stream = engine.stream(engine.prepare("Hello", MODE_CONTINUE, 1024), settings)
