@@ -10,6 +10,7 @@ recipe cannot win by learning less:
 - ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off)
   with the reference log-probs computed at every step;
 - ``lora-precomputed-ref``: the recipe with the reference log-probs computed once before training;
+- ``lora-eval-batch-2``: the same with held-out batches of 2 pairs instead of 8;
 - ``lora-bf16-weights``: the same with the frozen base weights stored in bf16 (the adapter stays fp32) and
   held-out batches of 2 pairs.
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
@@ -36,6 +37,7 @@ CONFIGS = {
                  "--max_length", "512"],
     "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false"],
     "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe's default
+    "lora-eval-batch-2": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--per_device_eval_batch_size", "2"],
     "lora-bf16-weights": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--dtype", "bfloat16",
                           "--per_device_eval_batch_size", "2"],
 }  # fmt: skip

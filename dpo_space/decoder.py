@@ -246,7 +246,7 @@ class LlamaDecoder:
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
         with torch.no_grad():
-            self.embed = model.get_input_embeddings().weight.detach().float().clone()
+            self.embed = model.get_input_embeddings().weight.detach().float()  # shared with the model if fp32
             self.layers = [Layer(layer, weight_format) for layer in model.model.layers]
             self.norm = model.model.norm.weight.detach().float().clone()
             head_format = "q8" if weight_format == "int4" else weight_format  # logits need more than 4 bits
