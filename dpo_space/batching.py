@@ -7,6 +7,10 @@ budget) and ``RowStreamer`` hands each row's tokens to its request. A stopped re
 the next step, so the others go on. A request that arrives while a batch runs joins it at the next step:
 ``generate`` stops (``JoinCheck``), and the batch restarts with each unfinished row's prompt plus the tokens
 it has so far (one prefill, instead of waiting for the longest reply of the batch).
+
+``DecoderBatcher`` schedules the same requests over a ``decoder.LlamaDecoder`` (the Space's CPU default): each
+request has its own cache row, so an arrival is prefilled alone and decodes with the others from the next
+step, with no restart, and ``pick_token`` does each row's sampling as ``RowSampler`` does.
 """
 
 from __future__ import annotations
