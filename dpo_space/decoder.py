@@ -91,7 +91,6 @@ class PackedLinear:
             high = torch.div(levels, 16, rounding_mode="floor")  # -8..7
             self.planes = [_int4_plane(high + 8, 16 * scale, torch.zeros_like(scale)),
                            _int4_plane(levels - 16 * high, scale, 8 * scale)]  # fmt: skip
-            self.dense = (scale * levels).view(rows, cols).to(torch.bfloat16)
 
     def parts(self, adapter: bool) -> tuple:
         """What ``matmul`` takes: (the weight's tensors, the adapter's (A.T, B.T) or ())."""
