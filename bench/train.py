@@ -8,11 +8,10 @@ recipe cannot win by learning less:
 - ``original``: the original recipe (``gpt2-hh.yaml``: batch 1, full fine-tuning with an explicit reference
   copy, gradient checkpointing, bf16, lr 5e-7) on ``--model``;
 - ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off)
-  with the reference log-probs computed at every step;
-- ``lora-precomputed-ref``: the recipe with the reference log-probs computed once before training;
-- ``lora-eval-batch-2``: the same with held-out batches of 2 pairs instead of 8;
-- ``lora-bf16-weights``: the same with the frozen base weights stored in bf16 (the adapter stays fp32) and
-  held-out batches of 2 pairs.
+  with the reference log-probs computed at every step, held-out batches of 8;
+- ``lora-precomputed-ref``: the same with the reference log-probs computed once before training;
+- ``lora-eval-batch-2``: the recipe as it is: that, with held-out batches of 2 (less peak memory);
+- ``lora-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32).
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -32,14 +31,14 @@ from bench.machine import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
+EVAL_8 = ["--per_device_eval_batch_size", "8"]  # the recipe's held-out batches before they became 2
 CONFIGS = {
     "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
                  "--max_length", "512"],
-    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false"],
-    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe's default
-    "lora-eval-batch-2": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--per_device_eval_batch_size", "2"],
-    "lora-bf16-weights": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--dtype", "bfloat16",
-                          "--per_device_eval_batch_size", "2"],
+    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false", *EVAL_8],
+    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml", *EVAL_8],
+    "lora-eval-batch-2": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe as it is
+    "lora-bf16-weights": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--dtype", "bfloat16"],
 }  # fmt: skip
 
 
