@@ -302,10 +302,10 @@ class DecoderBatcher(Batcher):
             if request.stop.is_set():
                 request.done = True
                 continue
-            row_processors_ = processors[id(request)]
-            if row_processors_:
+            own = processors[id(request)]
+            if own:
                 ids = torch.tensor([request.prompt_ids + request.generated])
-                chosen[i] = pick_token(request, row_processors_, ids, logits[i])
+                chosen[i] = pick_token(request, own, ids, logits[i])
             if chosen[i] in self.eos_ids:
                 request.done = True
                 continue

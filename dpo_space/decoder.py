@@ -17,10 +17,6 @@ joins at the next step; a finished row's place is taken by the last row.
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
-
 WEIGHT_FORMATS = ("int4", "fp32")  # of a decoder; its int4 keeps the output layer in q8
 FORMATS = ("int4", "q8", "fp32")  # of one matrix
 GROUP = 32  # int4 weights share a scale and a zero per 32 inputs: the layout of GGUF's Q4_1
@@ -106,8 +102,7 @@ class PackedLinear:
             x = x.to(torch.bfloat16)
             return sum(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz).float() for p, sz in self.planes)
         if self.format == "int4" and x.shape[0] >= PREFILL_ROWS:  # a prompt: bf16 on the CPU's matrix units
-            y = torch.nn.functional.linear(x.to(torch.bfloat16), self.dense)
-            return y + (x.float() @ self.lora[0]) @ self.lora[1] if adapter and self.lora else y
+            return add_lora(x, torch.nn.functional.linear(x.to(torch.bfloat16), self.dense), self.parts(adapter)[1])
         return matmul(x, *self.parts(adapter))
 
 
@@ -120,9 +115,14 @@ def matmul(x, weight: tuple, lora: tuple):
         y = x @ weight[0]
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight[0], GROUP, weight[1])
-    if lora:
-        y = torch.addmm(y.float(), x.float() @ lora[0], lora[1])
-    return y
+    return add_lora(x, y, lora)
+
+
+def add_lora(x, y, lora: tuple):
+    """``y + (x @ A.T) @ B.T`` in fp32 for ``lora = (A.T, B.T)``; ``y`` itself for ``()``."""
+    import torch
+
+    return torch.addmm(y.float(), x.float() @ lora[0], lora[1]) if lora else y
 
 
 def _int4_plane(levels, scale, zero):
@@ -174,12 +174,9 @@ class Layer:
         self.post_norm = layer.post_attention_layernorm.weight.detach().float().clone()
         self.gate_up = fused([mlp.gate_proj, mlp.up_proj], weight_format)
         self.down = fused([mlp.down_proj], weight_format)
-        self.parts = {adapter: (self.input_norm, self.post_norm, *(m.parts(adapter) for m in self.matrices))
+        matrices = (self.qkv, self.out, self.gate_up, self.down)
+        self.parts = {adapter: (self.input_norm, self.post_norm, *(m.parts(adapter) for m in matrices))
                       for adapter in (False, True)}  # fmt: skip
-
-    @property
-    def matrices(self) -> tuple:
-        return self.qkv, self.out, self.gate_up, self.down
 
 
 def rope(x, cos, sin):
@@ -253,7 +250,6 @@ class LlamaDecoder:
         # torch.compile fuses a layer's small ops into a few kernels: one graph for all layers (their weights are
         # arguments), recompiled for one row and for several, with the adapter and without.
         self._decode_layer = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
-        self.compiled = compile
         self.rotary = model.model.rotary_emb  # inv_freq and scaling of this model's RoPE (no weights)
         self.keys: list = []
         self.values: list = []

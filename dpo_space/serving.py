@@ -288,7 +288,8 @@ class Engine:
     def _reference_mode(self, use_reference: bool):
         """A context giving the model to run: the policy, or its reference."""
         if not use_reference:
-            self._merge_adapter()
+            if not self.decoders:  # generate decodes faster merged; scoring alone is one forward, not worth a merge
+                self._merge_adapter()
             return contextlib.nullcontext(self.policy.model)
         return reference_model(self.policy, self.reference)
 
