@@ -7,8 +7,11 @@ matmuls per layer (q/k/v as one, gate/up as one) in one of two weight formats:
 * ``int4`` (the Space's default on CPU): 4-bit weights with a scale and a zero per 32 inputs, the layout of
   GGUF's Q4_1 (the embedded model's own format, so its layers are repacked, not requantized, up to bf16
   scales), decoded by PyTorch's own ``_weight_int4pack_mm_for_cpu``; the output layer in Q8_0's layout
-  (int8 per 32 inputs) as two int4 planes. Prompts of ``PREFILL_ROWS`` tokens or more use the same weights
-  as bf16 matrices on the CPU's matrix units. Close to fp32, not equal: ``tests/test_decoder.py`` bounds it.
+  (int8 per 32 inputs), scored by ``_weight_int8pack_mm`` with each row's best candidates rescored exactly.
+  From ``PackedLinear.DENSE_ROWS`` rows on (a prompt, a large batch) the same weights run as bf16 matrices on the
+  CPU's matrix units: the low-bit kernels' cost grows with every row, theirs hardly does. RoPE is one complex
+  multiply (query and key heads are stored pairwise interleaved) and the KV cache is bf16. Close to fp32, not
+  equal: ``tests/test_decoder.py`` bounds it.
 * ``fp32``: the fp32 weights, transposed once; the same greedy tokens as ``generate``.
 
 Rows decode together at their own positions: a request that arrives is prefilled into a new cache row and
@@ -21,7 +24,7 @@ WEIGHT_FORMATS = ("int4", "fp32")  # of a decoder; its int4 keeps the output lay
 FORMATS = ("int4", "q8", "fp32")  # of one matrix
 GROUP = 32  # int4 weights share a scale and a zero per 32 inputs: the layout of GGUF's Q4_1
 MIN_CACHE = 256  # positions a cache starts with
-PREFILL_ROWS = 16  # from this many tokens on, a dequantized bf16 matmul beats the int4 kernel
+RESCORED = 64  # candidates per row whose logits the q8 output layer computes exactly
 
 
 def is_peft(model) -> bool:
@@ -51,6 +54,9 @@ def supports(model) -> str | None:
         return "the model has linear biases"
     if config.hidden_act != "silu":
         return f"hidden_act is {config.hidden_act!r}, not 'silu'"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):  # their frequencies depend on the sequence length
+        return f"its RoPE ({rope_type!r}) changes with the sequence length"
     if next(model.parameters()).device.type != "cpu":
         return "the model is not on the CPU"
     return None
@@ -58,7 +64,14 @@ def supports(model) -> str | None:
 
 class PackedLinear:
     """``y = x @ W.T`` for a fixed ``W`` [out, in], in one of ``FORMATS``; plus ``(x @ A.T) @ B.T`` in fp32 when
-    given a LoRA adapter's ``lora = (A, B)`` and called with ``adapter=True``."""
+    given a LoRA adapter's ``lora = (A, B)`` and called with ``adapter=True``.
+
+    The int4 and q8 formats also keep their weights as a bf16 matrix (``dense``): from ``DENSE_ROWS`` rows on (a
+    prompt, a large batch) it beats their 4- and 8-bit kernels, whose cost grows with every row; below that, the
+    bf16 matrix is slower, as it is read from memory at 2 bytes a weight (measured with 30 layers' weights, as
+    in a decoding step: a weight matrix that stays in the CPU's cache makes bf16 look faster than it is)."""
+
+    DENSE_ROWS = {"int4": 10, "q8": 4}
 
     def __init__(self, weight, weight_format: str, lora: tuple | None = None):
         import torch
@@ -79,31 +92,46 @@ class PackedLinear:
             low = groups.amin(-1, keepdim=True)
             scale = (groups.amax(-1, keepdim=True) - low).clamp(min=1e-12) / 15
             levels = ((groups - low) / scale).round().clamp(0, 15)
-            self.planes = [_int4_plane(levels, scale, low + 8 * scale)]
-            self.dense = (low + scale * levels).view(rows, cols).to(torch.bfloat16)  # the same weights, for prompts
-        else:  # q8: w = scale * level, level in -127..127: GGUF's Q8_0, run as two int4 planes, 16 * high + low
+            self.plane = _int4_plane(levels, scale, low + 8 * scale)
+            self.dense = (low + scale * levels).view(rows, cols).to(torch.bfloat16)
+        else:  # q8: w = scale * level, level in -127..127 (GGUF's Q8_0), scored through a per-row int8 copy
             scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-            levels = (groups / scale).round().clamp(-127, 127)
-            high = torch.div(levels, 16, rounding_mode="floor")  # -8..7
-            self.planes = [_int4_plane(high + 8, 16 * scale, torch.zeros_like(scale)),
-                           _int4_plane(levels - 16 * high, scale, 8 * scale)]  # fmt: skip
+            self.dense = (scale * (groups / scale).round().clamp(-127, 127)).view(rows, cols).to(torch.bfloat16)
+            row_scale = self.dense.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            self.int8 = (self.dense.float() / row_scale).round().to(torch.int8)
+            self.int8_scale = row_scale[:, 0].to(torch.bfloat16)
 
-    def parts(self, adapter: bool) -> tuple:
-        """What ``matmul`` takes: (the weight's tensors, the adapter's (A.T, B.T) or ())."""
-        weight = (self.weight_t,) if self.format == "fp32" else self.planes[0]
+    def parts(self, adapter: bool, dense: bool = False) -> tuple:
+        """What ``matmul`` takes: (the weight's tensors, the adapter's (A.T, B.T) or ()); ``dense``: the bf16
+        matrix of an int4 format."""
+        if self.format == "fp32":
+            weight = (self.weight_t,)
+        else:
+            weight = (self.dense.t(),) if dense else self.plane
         return weight, self.lora if adapter and self.lora else ()
 
     def __call__(self, x, adapter: bool = False):
         """``x``: [rows, in] -> [rows, out]: fp32, or bf16 for the int4 formats without an adapter (adding it to
         fp32 gives fp32)."""
+        if self.format == "q8":
+            return self._q8(x)
+        return matmul(x, *self.parts(adapter, dense=self.dense_for(x.shape[0])))
+
+    def dense_for(self, rows: int) -> bool:
+        return rows >= self.DENSE_ROWS.get(self.format, rows + 1)
+
+    def _q8(self, x):
+        """Logits [rows, out] in fp32. Few rows: all scored by the int8 kernel (one int8 scale per row: ~1% off),
+        then the ``RESCORED`` best of each row computed again from the Q8_0 weights, so the tokens that can be
+        picked get their exact logits."""
         import torch
 
-        if self.format == "q8":
-            x = x.to(torch.bfloat16)
-            return sum(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, GROUP, sz).float() for p, sz in self.planes)
-        if self.format == "int4" and x.shape[0] >= PREFILL_ROWS:  # a prompt: bf16 on the CPU's matrix units
-            return add_lora(x, torch.nn.functional.linear(x.to(torch.bfloat16), self.dense), self.parts(adapter)[1])
-        return matmul(x, *self.parts(adapter))
+        if self.dense_for(x.shape[0]):
+            return torch.nn.functional.linear(x.to(torch.bfloat16), self.dense).float()
+        logits = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.int8_scale).float()
+        best = logits.topk(RESCORED, dim=-1).indices  # [rows, RESCORED]
+        exact = (self.dense[best].float() @ x.float()[:, :, None])[..., 0]
+        return logits.scatter_(1, best, exact)
 
 
 def matmul(x, weight: tuple, lora: tuple):
@@ -111,8 +139,8 @@ def matmul(x, weight: tuple, lora: tuple):
     ``torch.compile`` sees the same graph for every layer."""
     import torch
 
-    if len(weight) == 1:
-        y = x @ weight[0]
+    if len(weight) == 1:  # W.T in fp32, or in bf16 (a dense int4 matrix)
+        y = x.to(weight[0].dtype) @ weight[0]
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight[0], GROUP, weight[1])
     return add_lora(x, y, lora)
@@ -135,10 +163,10 @@ def _int4_plane(levels, scale, zero):
     return packed, torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
-def fused(modules: list, weight_format: str) -> PackedLinear:
-    """One matmul for ``modules`` (plain or PEFT LoRA linears) whose outputs are concatenated. Their LoRA
-    adapters stay apart from the packed base weights (4 bits would round a small update away): A stacked,
-    B block-diagonal, B scaled."""
+def fused(modules: list, weight_format: str, order=None) -> PackedLinear:
+    """One matmul for ``modules`` (plain or PEFT LoRA linears) whose outputs are concatenated (then taken in
+    ``order``, if given). Their LoRA adapters stay apart from the packed base weights (4 bits would round a small
+    update away): A stacked, B block-diagonal, B scaled."""
     import torch
 
     weights, a_parts, b_parts = [], [], []
@@ -149,10 +177,12 @@ def fused(modules: list, weight_format: str) -> PackedLinear:
         rank = 0 if lora is None else lora[0].shape[0]
         a_parts.append(lora[0] if lora else base.weight.new_zeros(0, base.weight.shape[1]))
         b_parts.append(lora[1] if lora else base.weight.new_zeros(base.weight.shape[0], rank))
-    lora = None
+    weight, lora = torch.cat(weights), None
     if any(a.shape[0] for a in a_parts):
         lora = (torch.cat(a_parts), torch.block_diag(*b_parts))
-    return PackedLinear(torch.cat(weights), weight_format, lora)
+    if order is not None:
+        weight, lora = weight[order], lora and (lora[0], lora[1][order])
+    return PackedLinear(weight, weight_format, lora)
 
 
 def lora_of(module) -> tuple | None:
@@ -166,30 +196,45 @@ def lora_of(module) -> tuple | None:
 
 
 class Layer:
-    def __init__(self, layer, weight_format: str):
+    def __init__(self, layer, weight_format: str, head_dim: int):
+        import torch
+
         attention, mlp = layer.self_attn, layer.mlp
+        q_size, kv_size = attention.q_proj.weight.shape[0], attention.k_proj.weight.shape[0]
+        qk_order = interleaved((q_size + kv_size) // head_dim, head_dim)
+        order = torch.cat([qk_order, torch.arange(q_size + kv_size, q_size + 2 * kv_size)])  # v as it is
         self.input_norm = layer.input_layernorm.weight.detach().float().clone()
-        self.qkv = fused([attention.q_proj, attention.k_proj, attention.v_proj], weight_format)
+        self.qkv = fused([attention.q_proj, attention.k_proj, attention.v_proj], weight_format, order)
         self.out = fused([attention.o_proj], weight_format)
         self.post_norm = layer.post_attention_layernorm.weight.detach().float().clone()
         self.gate_up = fused([mlp.gate_proj, mlp.up_proj], weight_format)
         self.down = fused([mlp.down_proj], weight_format)
         matrices = (self.qkv, self.out, self.gate_up, self.down)
-        self.parts = {adapter: (self.input_norm, self.post_norm, *(m.parts(adapter) for m in matrices))
-                      for adapter in (False, True)}  # fmt: skip
+        self.parts = {(adapter, dense): (self.input_norm, self.post_norm, *(m.parts(adapter, dense) for m in matrices))
+                      for adapter in (False, True) for dense in (False, True)}  # fmt: skip
 
 
-def rope(x, cos, sin):
-    """x: [rows, heads, tokens, dim]; cos, sin: [rows, 1, tokens, dim]."""
+def interleaved(heads: int, head_dim: int):
+    """An output order for ``heads`` query or key heads that puts each rotation pair (i, i + head_dim / 2) side by
+    side, so RoPE is one complex multiply (``rotate``). Queries and keys reordered alike keep their dot products."""
     import torch
 
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    pairs = torch.arange(head_dim).view(2, head_dim // 2).t().reshape(-1)
+    return (torch.arange(heads)[:, None] * head_dim + pairs).reshape(-1)
 
 
-def decode_layer(x, cos, sin, row_index, positions, visible, width: int, keys, values, parts: tuple, heads: int,
+def rotate(x, rotations):
+    """RoPE on interleaved heads: x [..., head_dim] (fp32) times ``rotations`` (complex, [..., head_dim / 2])."""
+    import torch
+
+    pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2)
+
+
+def decode_layer(x, rotations, row_index, positions, visible, width: int, keys, values, parts: tuple, heads: int,
                  eps: float):  # fmt: skip
     """One layer of ``LlamaDecoder.decode``: x [rows, hidden] at ``positions``; writes this layer's cache rows.
+    ``rotations``: [rows, 1, head_dim / 2]; one row at a time gives ``row_index`` and ``positions`` as ints.
 
     One query per row: the heads that share a key/value head become its queries (exact GQA, no copy)."""
     import torch
@@ -198,20 +243,20 @@ def decode_layer(x, cos, sin, row_index, positions, visible, width: int, keys, v
     rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     hidden = torch.nn.functional.rms_norm(x, input_norm.shape, input_norm, eps)
-    q, k, v = matmul(hidden, *qkv).float().split([q_size, kv_size, kv_size], dim=-1)
-    q = rope(q.view(rows, heads, 1, head_dim), cos, sin)
-    k = rope(k.view(rows, kv_heads, 1, head_dim), cos, sin)
-    keys[row_index, :, positions] = k[:, :, 0]
-    values[row_index, :, positions] = v.view(rows, kv_heads, head_dim)
+    projected = matmul(hidden, *qkv)
+    qk = rotate(projected[:, : q_size + kv_size].float().view(rows, heads + kv_heads, head_dim), rotations)
+    qk = qk.to(keys.dtype)  # the cache's: bf16 for int4
+    keys[row_index, :, positions] = qk[:, heads:]
+    values[row_index, :, positions] = projected[:, q_size + kv_size :].view(rows, kv_heads, head_dim).to(keys.dtype)
     attended = torch.nn.functional.scaled_dot_product_attention(
-        q.view(rows, kv_heads, heads // kv_heads, head_dim),
+        qk[:, :heads].view(rows, kv_heads, heads // kv_heads, head_dim),
         keys[:rows, :, :width],
         values[:rows, :, :width],
         attn_mask=visible,
     )
     x = x + matmul(attended.reshape(rows, q_size), *out)
     hidden = torch.nn.functional.rms_norm(x, post_norm.shape, post_norm, eps)
-    gate, up = matmul(hidden, *gate_up).float().chunk(2, dim=-1)
+    gate, up = matmul(hidden, *gate_up).chunk(2, dim=-1)  # bf16 from the int4 kernel: no round trip through fp32
     return x + matmul(torch.nn.functional.silu(gate) * up, *down)
 
 
@@ -234,7 +279,8 @@ class LlamaDecoder:
             raise ValueError(f"LlamaDecoder cannot run this model: {reason}")
         config = model.config
         self.format = weight_format
-        self.prefill_dtype = torch.bfloat16 if weight_format == "int4" else torch.float32  # attention over a prompt
+        # int4 attends in bf16 (its KV cache too: half the bytes to read per step at long contexts)
+        self.attention_dtype = torch.bfloat16 if weight_format == "int4" else torch.float32
         self.max_rows = max_rows
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -243,14 +289,17 @@ class LlamaDecoder:
         self.max_positions = config.max_position_embeddings
         with torch.no_grad():
             self.embed = model.get_input_embeddings().weight.detach().float()  # shared with the model if fp32
-            self.layers = [Layer(layer, weight_format) for layer in model.model.layers]
+            self.layers = [Layer(layer, weight_format, self.head_dim) for layer in model.model.layers]
             self.norm = model.model.norm.weight.detach().float().clone()
             head_format = "q8" if weight_format == "int4" else weight_format  # logits need more than 4 bits
             self.lm_head = PackedLinear(model.get_output_embeddings().weight, head_format)
         # torch.compile fuses a layer's small ops into a few kernels: one graph for all layers (their weights are
         # arguments), recompiled for one row and for several, with the adapter and without.
+        self.compiled = compile
         self._decode_layer = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
-        self.rotary = model.model.rotary_emb  # inv_freq and scaling of this model's RoPE (no weights)
+        cos, sin = model.model.rotary_emb(self.embed[:1], torch.arange(self.max_positions)[None])
+        half = self.head_dim // 2
+        self.rotations = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [position, half]
         self.keys: list = []
         self.values: list = []
         self.lengths: list[int] = []  # tokens cached per row; a row's next position
@@ -301,7 +350,7 @@ class LlamaDecoder:
             want[1] *= 2
         for cache in (self.keys, self.values):
             for i in range(len(self.layers)):
-                grown = torch.zeros(want[0], self.kv_heads, want[1], self.head_dim)
+                grown = torch.zeros(want[0], self.kv_heads, want[1], self.head_dim, dtype=self.attention_dtype)
                 if have[0]:
                     grown[: have[0], :, : have[1]] = cache[i]
                 if i < len(cache):
@@ -326,11 +375,6 @@ class LlamaDecoder:
 
         return torch.nn.functional.rms_norm(x, weight.shape, weight, self.eps)
 
-    def _cos_sin(self, positions):
-        """positions: [rows, tokens] -> cos, sin of shape [rows, 1, tokens, head_dim]."""
-        cos, sin = self.rotary(self.embed[:1], positions)
-        return cos.float()[:, None], sin.float()[:, None]
-
     def prefill(self, token_ids: list[int]):
         """Add a row holding ``token_ids``; return the logits [vocab] for the token after them."""
         import torch
@@ -344,18 +388,17 @@ class LlamaDecoder:
         self._ensure_capacity(row + 1, n)
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [n, hidden]
-            cos, sin = self._cos_sin(torch.arange(n)[None])
+            rotations = self.rotations[:n, None]  # [n, 1, half]
             q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
             for i, layer in enumerate(self.layers):
-                qkv = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
-                q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-                q = rope(q.view(1, n, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-                k = rope(k.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-                v = v.view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
+                projected = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
+                qk = rotate(projected[:, : q_size + kv_size].view(n, -1, self.head_dim), rotations).transpose(0, 1)
+                q, k = qk[None, : self.heads], qk[None, self.heads :]  # [1, heads, n, head_dim]
+                v = projected[:, q_size + kv_size :].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
                 self.keys[i][row, :, :n] = k[0]
                 self.values[i][row, :, :n] = v[0]
                 attended = torch.nn.functional.scaled_dot_product_attention(
-                    *(t.to(self.prefill_dtype) for t in (q, k, v)), is_causal=True, enable_gqa=True
+                    *(t.to(self.attention_dtype) for t in (q, k, v)), is_causal=True, enable_gqa=True
                 )
                 x = x + layer.out(attended[0].transpose(0, 1).reshape(n, q_size), self.adapter)
                 gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).chunk(2, dim=-1)  # bf16 for int4
@@ -375,16 +418,18 @@ class LlamaDecoder:
         if width > self.max_positions:
             raise ValueError(f"a sequence would exceed the model's {self.max_positions} positions")
         self._ensure_capacity(rows, width)
-        row_index = torch.arange(rows)
+        row_index, where = torch.arange(rows), positions
         visible = (torch.arange(width)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, width]
-        visible = None if rows == 1 else visible  # one row sees its whole cache: SDPA's faster unmasked path
+        if rows == 1:  # one row sees all its cache (SDPA's unmasked path); eager, plain indexing writes it
+            row_index, where, visible = (row_index, where, None) if self.compiled else (0, self.lengths[0], None)
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [rows, hidden]
-            cos, sin = self._cos_sin(positions[:, None])
+            rotations = self.rotations[positions][:, None]  # [rows, 1, half]
+            dense = self.layers[0].qkv.dense_for(rows)
             for i, layer in enumerate(self.layers):
                 cache = self.keys[i], self.values[i]
-                x = self._decode_layer(x, cos, sin, row_index, positions, visible, width, *cache,
-                                       layer.parts[self.adapter], self.heads, self.eps)  # fmt: skip
+                x = self._decode_layer(x, rotations, row_index, where, visible, width, *cache,
+                                       layer.parts[self.adapter, dense], self.heads, self.eps)  # fmt: skip
             logits = self.lm_head(self._rms(x, self.norm)).float()
         self.lengths = [n + 1 for n in self.lengths]
         return logits

@@ -238,16 +238,20 @@ class Engine:
         last_update = 0.0
         try:
             while True:
-                try:
-                    items = [request.tokens.get(timeout=self.stream_timeout)]
-                except queue.Empty:
-                    if not request.started.is_set():
-                        continue  # still waiting for its batch: the queue in front bounds the wait
-                    raise GenerationError(
-                        f"the model produced nothing for {self.stream_timeout:g} s; try again"
-                    ) from None
-                while items[-1] is not END and not isinstance(items[-1], BaseException) and not request.tokens.empty():
+                if tokens:  # wake once per update, not once per token: the model's thread keeps the CPU
+                    request.finished.wait(max(0.0, self.stream_interval - (time.monotonic() - last_update)))
+                items = []
+                while not request.tokens.empty():
                     items.append(request.tokens.get_nowait())
+                if not items:
+                    try:
+                        items = [request.tokens.get(timeout=self.stream_timeout)]
+                    except queue.Empty:
+                        if not request.started.is_set():
+                            continue  # still waiting for its batch: the queue in front bounds the wait
+                        raise GenerationError(
+                            f"the model produced nothing for {self.stream_timeout:g} s; try again"
+                        ) from None
                 tokens += [item for item in items if isinstance(item, int)]
                 if isinstance(items[-1], BaseException):
                     logger.error("generation failed", exc_info=items[-1])

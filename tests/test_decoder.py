@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpo_space.decoder import LlamaDecoder, PackedLinear, supports
+from dpo_space.decoder import RESCORED, LlamaDecoder, PackedLinear, supports
 from tests.conftest import FIXTURE_HH
 
 
@@ -71,7 +71,14 @@ def test_the_embedded_models_layers_are_repacked_not_requantized(embedded_model)
     weight = embedded_model.lm_head.weight
     x = torch.randn(3, weight.shape[1])
     exact = x @ weight.detach().t()
-    assert (PackedLinear(weight, "q8")(x) - exact).norm() / exact.norm() < 0.005
+    head = PackedLinear(weight, "q8")
+    assert (head.dense.float() - weight).norm() / weight.norm() < 0.005
+    logits = head(x)  # 3 rows: the int8 kernel, then each row's best candidates rescored
+    assert (logits - exact).norm() / exact.norm() < 0.03
+    best = exact.topk(RESCORED // 2).indices
+    assert torch.allclose(logits.gather(1, best), exact.gather(1, best), rtol=0.01, atol=0.01)
+    many = torch.randn(PackedLinear.DENSE_ROWS["q8"], weight.shape[1])  # enough rows for the bf16 matrix
+    assert (head(many) - many @ weight.detach().t()).norm() / (many @ weight.detach().t()).norm() < 0.005
 
 
 def test_int4_predicts_the_fp32_models_next_tokens(embedded_model, embedded_tokenizer):
@@ -94,8 +101,8 @@ def test_int4_predicts_the_fp32_models_next_tokens(embedded_model, embedded_toke
 
 
 def test_long_prompts_take_the_bf16_path_and_agree_with_decoding_them(embedded_model):
-    """A prompt of PREFILL_ROWS tokens or more runs as bf16 matmuls; its last logits match feeding it token by
-    token through the int4 kernels."""
+    """A prompt of DENSE_ROWS["int4"] tokens or more runs as bf16 matmuls; its last logits match feeding it token
+    by token through the int4 kernels."""
     ids = list(range(2000, 2040))
     decoder = LlamaDecoder(embedded_model, "int4")
     prefilled = decoder.prefill(ids)
@@ -170,3 +177,21 @@ def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
     for step in range(4):
         tokens = [100 + step, 200 + step]
         assert torch.allclose(compiled.decode(tokens), eager.decode(tokens), atol=1e-4)
+
+
+def test_int4_rows_decoded_together_agree_with_each_row_alone(embedded_model):
+    """Several rows take other paths than one (indexed cache writes, a mask, and from DENSE_ROWS["q8"] rows the
+    bf16 output layer): each row's logits still agree with decoding that row alone."""
+    prompts = [list(range(300 + 7 * i, 310 + 13 * i)) for i in range(5)]
+    steps = [[1000 + 10 * step + i for i in range(len(prompts))] for step in range(3)]
+    together = LlamaDecoder(embedded_model, "int4", max_rows=len(prompts))
+    for prompt in prompts:
+        together.prefill(prompt)
+    got = [together.decode(tokens) for tokens in steps][-1]
+    alone = LlamaDecoder(embedded_model, "int4", max_rows=1)
+    for i, prompt in enumerate(prompts):
+        alone.reset()
+        alone.prefill(prompt)
+        expected = [alone.decode([tokens[i]])[0] for tokens in steps][-1]
+        assert got[i].argmax() == expected.argmax()
+        assert torch.nn.functional.cosine_similarity(got[i], expected, dim=0) > 0.99
