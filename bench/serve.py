@@ -2,7 +2,8 @@
 
     python -m bench.serve [--model embedded] [--new-tokens 128] [--concurrency 1,2,4,8]
 
-Side by side in one run, greedy, on prompts of about 16, 256 and 1,024 tokens:
+Side by side in one run, greedy, on prompts of about 16, 256 and 1,024 tokens (each path ``--repeats`` times,
+interleaved; medians):
 - ``original``: the original demo's path, a non-streaming fp32 ``generate`` (the user sees the reply at the end);
 - ``project``: this project's path, ``Engine.stream`` (streamed, the Space's default dtype);
 - ``llama.cpp`` on the same GGUF, when ``llama-cpp-python`` is installed (optional).
@@ -89,6 +90,14 @@ def llama_cpp_path(prompt: str, new_tokens: int) -> dict | None:
     return {"ttft_s": first - started, "decode_tok_s": (n - 1) / max(end - first, 1e-9), "tokens": n}
 
 
+def median_run(results: list) -> dict:
+    """The median of each figure over repeated runs of one path (``None``: the path is not installed)."""
+    if results[0] is None:
+        return {"skipped": "llama-cpp-python not installed"}
+    median = {key: statistics.median(r[key] for r in results) for key in ("ttft_s", "decode_tok_s")}
+    return {**median, "tokens": results[0]["tokens"], "runs_decode_tok_s": [r["decode_tok_s"] for r in results]}
+
+
 def http_user(client, tokenizer, prompt: str, new_tokens: int):
     """One ``gradio_client`` user, already connected: (time to first token, tokens received)."""
     started = time.perf_counter()
@@ -169,6 +178,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", default="16,256,1024")
     parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--repeats", type=int, default=3, help="single-stream runs per path and prompt (median)")
     parser.add_argument("--batch", type=int, default=8, help="prompts sent at once in the batching comparison")
     parser.add_argument("--in-process", action="store_true", help="concurrent users call the engine, not HTTP")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve.json"))
@@ -191,11 +201,12 @@ def main() -> None:
     rows = []
     for n in map(int, args.prompt_tokens.split(",")):
         prompt = prompt_of(baseline.tokenizer, n)
-        for name, run in paths.items():
-            result = run(prompt)
-            rows.append(
-                {"path": name, "prompt_tokens": n, **(result or {"skipped": "llama-cpp-python not installed"})}
-            )
+        runs = {name: [] for name in paths}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path alike
+            for name, run in paths.items():
+                runs[name].append(run(prompt))
+        for name, results in runs.items():
+            rows.append({"path": name, "prompt_tokens": n, **median_run(results)})
             print(rows[-1], flush=True)
 
     prompt = prompt_of(baseline.tokenizer, 40)

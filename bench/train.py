@@ -10,8 +10,10 @@ recipe cannot win by learning less:
 - ``lora``: the project's CPU recipe (``smollm2-hh-lora.yaml``: LoRA, the reference is the adapter switched off)
   with the reference log-probs computed at every step, held-out batches of 8;
 - ``lora-precomputed-ref``: the same with the reference log-probs computed once before training;
-- ``lora-eval-batch-2``: the recipe as it is: that, with held-out batches of 2 (less peak memory);
-- ``lora-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32).
+- ``lora-eval-batch-2``: that, with held-out batches of 2 (less peak memory);
+- ``recipe``: the recipe as it is: that, with the LM head projected at completion positions only (TRL projects
+  every position on a CPU; ``train/speed.py``); every config above projects them all, as the original did;
+- ``recipe-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32).
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -32,13 +34,16 @@ from bench.machine import describe
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
 EVAL_8 = ["--per_device_eval_batch_size", "8"]  # the recipe's held-out batches before they became 2
+ALL_POSITIONS = ["--completion_logits_only", "false"]  # TRL's own CPU path: the LM head at prompt tokens too
+LORA = ["--config", "train/recipes/smollm2-hh-lora.yaml"]
 CONFIGS = {
     "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
-                 "--max_length", "512"],
-    "lora": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--precompute_ref_log_probs", "false", *EVAL_8],
-    "lora-precomputed-ref": ["--config", "train/recipes/smollm2-hh-lora.yaml", *EVAL_8],
-    "lora-eval-batch-2": ["--config", "train/recipes/smollm2-hh-lora.yaml"],  # the recipe as it is
-    "lora-bf16-weights": ["--config", "train/recipes/smollm2-hh-lora.yaml", "--dtype", "bfloat16"],
+                 "--max_length", "512", *ALL_POSITIONS],
+    "lora": [*LORA, "--precompute_ref_log_probs", "false", *EVAL_8, *ALL_POSITIONS],
+    "lora-precomputed-ref": [*LORA, *EVAL_8, *ALL_POSITIONS],
+    "lora-eval-batch-2": [*LORA, *ALL_POSITIONS],
+    "recipe": LORA,  # the recipe as it is: that, scoring completion positions only
+    "recipe-bf16-weights": [*LORA, "--dtype", "bfloat16"],
 }  # fmt: skip
 
 

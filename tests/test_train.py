@@ -154,3 +154,34 @@ def test_accelerate_configs_load(name):
     config = ClusterConfig.from_yaml_file(str(ROOT / "train" / "accelerate" / f"{name}.yaml"))
     expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
     assert config.distributed_type.value == expected and config.mixed_precision == "bf16"
+
+
+def test_completion_logits_only_gives_the_same_log_probs_from_the_completion_rows(tiny_path, monkeypatch):
+    """train/speed.py: TRL's fused LM head then projects only the labelled (completion) positions on the CPU."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton
+
+    from train.speed import score_completions_only
+
+    projected = []
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *args):
+            projected.append(hidden.shape[0])
+            return chunked.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
+    monkeypatch.setattr(trl_utils, "_use_triton", _use_triton)  # TRL's own (an earlier training run patched it)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
+    trl_utils.add_fused_lm_head(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    labels = ids.masked_fill(torch.arange(8) < 5, -100)  # a 5-token prompt, a 3-token completion
+    with torch.no_grad():
+        every = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        score_completions_only()
+        compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert projected == [7, 3]  # all 7 shifted positions, then the 3 labelled ones
+    assert torch.allclose(every, compact, atol=1e-5) and every[0, 4:].abs().min() > 0

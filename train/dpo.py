@@ -44,6 +44,11 @@ class ScriptArguments:
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference model for full fine-tuning (default: a copy of the policy)."}
     )
+    completion_logits_only: bool = field(
+        default=True,
+        metadata={"help": "Project the LM head at completion positions only (TRL does so on CUDA; on CPU it scores "
+                          "every position, prompt included). Same log-probs, less work (train/speed.py)."},
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None):
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.card import write_card
     from train.checkpoints import checkpoint_safe, resolve_resume
     from train.report import write_report
+    from train.speed import score_completions_only
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
     name = model_args.model_name_or_path
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset = load_pairs(script_args, tokenizer, training_args.seed)
     logger.info("Pairs: %d train, %d eval", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
 
+    if script_args.completion_logits_only:
+        score_completions_only()
     model = load_causal_lm(name, dtype=model_args.dtype)
     peft_config = get_peft_config(model_args)
     ref_model = None  # LoRA: the reference is the policy with its adapter disabled, no second copy
