@@ -24,6 +24,19 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 END = object()  # a row's stream is finished
+PACK_TOKENS = 1024  # prompts that arrive together are prefilled together up to this many tokens a pass
+
+
+def packs(requests: list, budget: int) -> list[list]:
+    """``requests`` in order, grouped so that each group's prompts hold at most ``budget`` tokens (or are one)."""
+    groups, size = [], budget
+    for request in requests:
+        if size + len(request.prompt_ids) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(request)
+        size += len(request.prompt_ids)
+    return groups
 
 
 @dataclass(eq=False)
@@ -280,9 +293,10 @@ class DecoderBatcher(Batcher):
                     request.started.set()
                     request.generator = torch.Generator().manual_seed(request.settings.seed)
                     processors[id(request)] = row_processors(request.settings)
-                    logits = decoder.prefill(request.prompt_ids)
-                    rows.append(request)
-                    self._advance([request], logits[None], processors)
+                for group in packs(new, PACK_TOKENS):  # arrivals together: one pass through the weights
+                    logits = decoder.prefill_rows([r.prompt_ids for r in group])
+                    rows += group
+                    self._advance(group, logits, processors)
                 if new:
                     self.batch_sizes.append(len(rows))
                 self._retire(decoder, rows)

@@ -377,34 +377,48 @@ class LlamaDecoder:
 
     def prefill(self, token_ids: list[int]):
         """Add a row holding ``token_ids``; return the logits [vocab] for the token after them."""
+        return self.prefill_rows([token_ids])[0]
+
+    def prefill_rows(self, prompts: list[list[int]]):
+        """Add a row for each of ``prompts``; return the logits [prompts, vocab] for the token after each.
+
+        The prompts' tokens go through each matmul together (one weight read for all); attention is per prompt."""
         import torch
 
-        if self.rows >= self.max_rows:
-            raise ValueError(f"all {self.max_rows} rows are in use")
-        n = len(token_ids)
-        if not 0 < n <= self.max_positions:
-            raise ValueError(f"a prompt must have 1 to {self.max_positions} tokens; got {n}")
-        row = self.rows
-        self._ensure_capacity(row + 1, n)
+        if self.rows + len(prompts) > self.max_rows:
+            free = self.max_rows - self.rows
+            raise ValueError(f"all {self.max_rows} rows are in use" if not free else
+                             f"{len(prompts)} prompts do not fit in the {free} free rows")  # fmt: skip
+        for ids in prompts:
+            if not 0 < len(ids) <= self.max_positions:
+                raise ValueError(f"a prompt must have 1 to {self.max_positions} tokens; got {len(ids)}")
+        sizes = [len(ids) for ids in prompts]
+        first_row, total = self.rows, sum(sizes)
+        self._ensure_capacity(first_row + len(prompts), max(sizes))
         with torch.no_grad():
-            x = self.embed[torch.tensor(token_ids)]  # [n, hidden]
-            rotations = self.rotations[:n, None]  # [n, 1, half]
+            x = self.embed[torch.tensor([token for ids in prompts for token in ids])]  # [total, hidden]
+            rotations = self.rotations[torch.cat([torch.arange(n) for n in sizes])][:, None]  # [total, 1, half]
             q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
             for i, layer in enumerate(self.layers):
                 projected = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
-                qk = rotate(projected[:, : q_size + kv_size].view(n, -1, self.head_dim), rotations).transpose(0, 1)
-                q, k = qk[None, : self.heads], qk[None, self.heads :]  # [1, heads, n, head_dim]
-                v = projected[:, q_size + kv_size :].view(1, n, self.kv_heads, self.head_dim).transpose(1, 2)
-                self.keys[i][row, :, :n] = k[0]
-                self.values[i][row, :, :n] = v[0]
-                attended = torch.nn.functional.scaled_dot_product_attention(
-                    *(t.to(self.attention_dtype) for t in (q, k, v)), is_causal=True, enable_gqa=True
-                )
-                x = x + layer.out(attended[0].transpose(0, 1).reshape(n, q_size), self.adapter)
+                qk = rotate(projected[:, : q_size + kv_size].view(total, -1, self.head_dim), rotations)
+                qk = qk.transpose(0, 1).to(self.attention_dtype)  # [heads + kv_heads, total, head_dim]
+                v = projected[:, q_size + kv_size :].view(total, self.kv_heads, self.head_dim).transpose(0, 1)
+                parts = (qk[: self.heads], qk[self.heads :], v.to(self.attention_dtype))
+                per_prompt = zip(*(t.split(sizes, dim=1) for t in parts), strict=True)
+                attended = []
+                for row, (q, k, v) in enumerate(per_prompt, start=first_row):
+                    self.keys[i][row, :, : k.shape[1]] = k
+                    self.values[i][row, :, : k.shape[1]] = v
+                    attended.append(torch.nn.functional.scaled_dot_product_attention(
+                        q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0])  # fmt: skip
+                attended = torch.cat(attended, dim=1).transpose(0, 1).reshape(total, q_size)
+                x = x + layer.out(attended, self.adapter)
                 gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).chunk(2, dim=-1)  # bf16 for int4
                 x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
-            logits = self.lm_head(self._rms(x[-1:], self.norm))[0].float()
-        self.lengths.append(n)
+            last = torch.tensor(sizes).cumsum(0) - 1
+            logits = self.lm_head(self._rms(x[last], self.norm)).float()
+        self.lengths += sizes
         return logits
 
     def decode(self, token_ids: list[int]):

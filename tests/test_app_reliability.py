@@ -27,12 +27,12 @@ def forward(self, input_ids=None, *args, **kwargs):
     return _forward(self, input_ids, *args, **kwargs)
 LlamaForCausalLM.forward = forward
 from dpo_space.decoder import LlamaDecoder
-_prefill = LlamaDecoder.prefill
-def prefill(self, token_ids):
-    if _crash_ids <= set(token_ids):
+_prefill_rows = LlamaDecoder.prefill_rows
+def prefill_rows(self, prompts):
+    if any(_crash_ids <= set(token_ids) for token_ids in prompts):
         raise RuntimeError("injected fault in the decoder")
-    return _prefill(self, token_ids)
-LlamaDecoder.prefill = prefill
+    return _prefill_rows(self, prompts)
+LlamaDecoder.prefill_rows = prefill_rows
 """
 
 

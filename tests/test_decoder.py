@@ -195,3 +195,19 @@ def test_int4_rows_decoded_together_agree_with_each_row_alone(embedded_model):
         expected = [alone.decode([tokens[i]])[0] for tokens in steps][-1]
         assert got[i].argmax() == expected.argmax()
         assert torch.nn.functional.cosine_similarity(got[i], expected, dim=0) > 0.99
+
+
+def test_prompts_prefilled_together_match_the_model_and_decode_on(tiny_model):
+    """prefill_rows: the prompts share each matmul, attention stays within each: every row's logits equal a plain
+    forward over its own sequence, before and after a decoding step."""
+    decoder = LlamaDecoder(tiny_model, "fp32", max_rows=4)
+    decoder.prefill([3, 4])
+    sequences = [[5, 17, 300, 42], list(range(100, 130)), [9]]
+    for got, ids in zip(decoder.prefill_rows(sequences), sequences, strict=True):
+        assert torch.allclose(got, full_logits(tiny_model, ids)[-1], atol=1e-4)
+    step = decoder.decode([7, 8, 9, 10])
+    for got, ids, token in zip(step[1:], sequences, [8, 9, 10], strict=True):
+        assert torch.allclose(got, full_logits(tiny_model, [*ids, token])[-1], atol=1e-4)
+    decoder.remove_row(3)
+    with pytest.raises(ValueError, match="2 prompts do not fit in the 1 free rows"):
+        decoder.prefill_rows([[1], [2]])

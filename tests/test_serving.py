@@ -123,7 +123,7 @@ def test_a_crashing_model_gives_a_clear_error_and_the_engine_recovers(engine, mo
     settings = GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 4})
     with monkeypatch.context() as patch:
         if engine.decoders:
-            patch.setattr(engine.decoders[False], "prefill", boom)
+            patch.setattr(engine.decoders[False], "prefill_rows", boom)
         else:
             patch.setattr(engine.policy.model, "generate", boom)
         started = time.monotonic()
@@ -262,3 +262,15 @@ def test_a_request_arriving_during_a_batch_joins_it_and_each_still_equals_its_gr
     assert 2 in engine.batcher.batch_sizes[before:]  # it joined the running batch instead of waiting for its end
     assert joined == direct_greedy(engine, prepared.input_ids, max_new_tokens=12)
     assert list(running)[-1] == expected_long  # the restart (prompt + tokens so far) changed nothing
+
+
+def test_arrivals_are_prefilled_in_packs_of_at_most_the_token_budget():
+    from dpo_space.batching import Request, packs
+
+    def sizes(lengths, budget):
+        return [[len(r.prompt_ids) for r in group] for group in packs([Request([0] * n, None, False)
+                                                                       for n in lengths], budget)]  # fmt: skip
+
+    assert sizes([3, 3, 5, 1], 6) == [[3, 3], [5, 1]]
+    assert sizes([7, 2], 6) == [[7], [2]]  # a prompt over the budget goes alone
+    assert sizes([], 6) == []
