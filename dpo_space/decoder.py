@@ -97,8 +97,9 @@ class PackedLinear:
         else:  # q8: w = scale * level, level in -127..127 (GGUF's Q8_0), scored through a per-row int8 copy
             scale = groups.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
             self.dense = (scale * (groups / scale).round().clamp(-127, 127)).view(rows, cols).to(torch.bfloat16)
-            row_scale = self.dense.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-            self.int8 = (self.dense.float() / row_scale).round().to(torch.int8)
+            dense = self.dense.float()
+            row_scale = dense.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+            self.int8 = (dense / row_scale).round().to(torch.int8)
             self.int8_scale = row_scale[:, 0].to(torch.bfloat16)
 
     def parts(self, adapter: bool, dense: bool = False) -> tuple:
@@ -118,7 +119,7 @@ class PackedLinear:
         return matmul(x, *self.parts(adapter, dense=self.dense_for(x.shape[0])))
 
     def dense_for(self, rows: int) -> bool:
-        return rows >= self.DENSE_ROWS.get(self.format, rows + 1)
+        return self.format in self.DENSE_ROWS and rows >= self.DENSE_ROWS[self.format]
 
     def _q8(self, x):
         """Logits [rows, out] in fp32. Few rows: all scored by the int8 kernel (one int8 scale per row: ~1% off),
@@ -231,6 +232,26 @@ def rotate(x, rotations):
     return torch.view_as_real(pairs * rotations).flatten(-2)
 
 
+def attention_inputs(x, rotations, input_norm, qkv: tuple, heads: int, head_dim: int, eps: float):
+    """The first half of a layer for x [tokens, hidden] at ``rotations`` [tokens, 1, head_dim / 2]: the rotated
+    queries and keys [tokens, heads + kv_heads, head_dim] (fp32) and the values [tokens, kv_heads * head_dim]."""
+    import torch
+
+    projected = matmul(torch.nn.functional.rms_norm(x, input_norm.shape, input_norm, eps), *qkv)
+    kv_size = (projected.shape[-1] - heads * head_dim) // 2
+    qk = projected[:, : heads * head_dim + kv_size].float().view(x.shape[0], -1, head_dim)
+    return rotate(qk, rotations), projected[:, heads * head_dim + kv_size :]
+
+
+def feed_forward(x, post_norm, gate_up: tuple, down: tuple, eps: float):
+    """The MLP half of a layer, residual included: x [tokens, hidden]."""
+    import torch
+
+    hidden = torch.nn.functional.rms_norm(x, post_norm.shape, post_norm, eps)
+    gate, up = matmul(hidden, *gate_up).chunk(2, dim=-1)  # bf16 from the int4 kernel: no round trip through fp32
+    return x + matmul(torch.nn.functional.silu(gate) * up, *down)
+
+
 def decode_layer(x, rotations, row_index, positions, visible, width: int, keys, values, parts: tuple, heads: int,
                  eps: float):  # fmt: skip
     """One layer of ``LlamaDecoder.decode``: x [rows, hidden] at ``positions``; writes this layer's cache rows.
@@ -241,23 +262,18 @@ def decode_layer(x, rotations, row_index, positions, visible, width: int, keys, 
 
     input_norm, post_norm, qkv, out, gate_up, down = parts
     rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    hidden = torch.nn.functional.rms_norm(x, input_norm.shape, input_norm, eps)
-    projected = matmul(hidden, *qkv)
-    qk = rotate(projected[:, : q_size + kv_size].float().view(rows, heads + kv_heads, head_dim), rotations)
+    qk, v = attention_inputs(x, rotations, input_norm, qkv, heads, head_dim, eps)
     qk = qk.to(keys.dtype)  # the cache's: bf16 for int4
     keys[row_index, :, positions] = qk[:, heads:]
-    values[row_index, :, positions] = projected[:, q_size + kv_size :].view(rows, kv_heads, head_dim).to(keys.dtype)
+    values[row_index, :, positions] = v.view(rows, kv_heads, head_dim).to(keys.dtype)
     attended = torch.nn.functional.scaled_dot_product_attention(
         qk[:, :heads].view(rows, kv_heads, heads // kv_heads, head_dim),
         keys[:rows, :, :width],
         values[:rows, :, :width],
         attn_mask=visible,
     )
-    x = x + matmul(attended.reshape(rows, q_size), *out)
-    hidden = torch.nn.functional.rms_norm(x, post_norm.shape, post_norm, eps)
-    gate, up = matmul(hidden, *gate_up).chunk(2, dim=-1)  # bf16 from the int4 kernel: no round trip through fp32
-    return x + matmul(torch.nn.functional.silu(gate) * up, *down)
+    x = x + matmul(attended.reshape(rows, heads * head_dim), *out)
+    return feed_forward(x, post_norm, gate_up, down, eps)
 
 
 class LlamaDecoder:
@@ -295,7 +311,6 @@ class LlamaDecoder:
             self.lm_head = PackedLinear(model.get_output_embeddings().weight, head_format)
         # torch.compile fuses a layer's small ops into a few kernels: one graph for all layers (their weights are
         # arguments), recompiled for one row and for several, with the adapter and without.
-        self.compiled = compile
         self._decode_layer = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
         cos, sin = model.model.rotary_emb(self.embed[:1], torch.arange(self.max_positions)[None])
         half = self.head_dim // 2
@@ -398,24 +413,23 @@ class LlamaDecoder:
         with torch.no_grad():
             x = self.embed[torch.tensor([token for ids in prompts for token in ids])]  # [total, hidden]
             rotations = self.rotations[torch.cat([torch.arange(n) for n in sizes])][:, None]  # [total, 1, half]
-            q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            dense = self.layers[0].qkv.dense_for(total)
             for i, layer in enumerate(self.layers):
-                projected = layer.qkv(self._rms(x, layer.input_norm), self.adapter).float()
-                qk = rotate(projected[:, : q_size + kv_size].view(total, -1, self.head_dim), rotations)
+                input_norm, post_norm, qkv, out, gate_up, down = layer.parts[self.adapter, dense]
+                qk, v = attention_inputs(x, rotations, input_norm, qkv, self.heads, self.head_dim, self.eps)
                 qk = qk.transpose(0, 1).to(self.attention_dtype)  # [heads + kv_heads, total, head_dim]
-                v = projected[:, q_size + kv_size :].view(total, self.kv_heads, self.head_dim).transpose(0, 1)
-                parts = (qk[: self.heads], qk[self.heads :], v.to(self.attention_dtype))
-                per_prompt = zip(*(t.split(sizes, dim=1) for t in parts), strict=True)
+                v = v.reshape(total, self.kv_heads, self.head_dim).transpose(0, 1).to(self.attention_dtype)
+                per_prompt = zip(
+                    *(t.split(sizes, dim=1) for t in (qk[: self.heads], qk[self.heads :], v)), strict=True
+                )
                 attended = []
                 for row, (q, k, v) in enumerate(per_prompt, start=first_row):
                     self.keys[i][row, :, : k.shape[1]] = k
                     self.values[i][row, :, : k.shape[1]] = v
                     attended.append(torch.nn.functional.scaled_dot_product_attention(
                         q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0])  # fmt: skip
-                attended = torch.cat(attended, dim=1).transpose(0, 1).reshape(total, q_size)
-                x = x + layer.out(attended, self.adapter)
-                gate, up = layer.gate_up(self._rms(x, layer.post_norm), self.adapter).chunk(2, dim=-1)  # bf16 for int4
-                x = x + layer.down(torch.nn.functional.silu(gate) * up, self.adapter)
+                attended = torch.cat(attended, dim=1).transpose(0, 1).reshape(total, self.heads * self.head_dim)
+                x = feed_forward(x + matmul(attended, *out), post_norm, gate_up, down, self.eps)
             last = torch.tensor(sizes).cumsum(0) - 1
             logits = self.lm_head(self._rms(x[last], self.norm)).float()
         self.lengths += sizes
@@ -432,10 +446,12 @@ class LlamaDecoder:
         if width > self.max_positions:
             raise ValueError(f"a sequence would exceed the model's {self.max_positions} positions")
         self._ensure_capacity(rows, width)
-        row_index, where = torch.arange(rows), positions
-        visible = (torch.arange(width)[None] <= positions[:, None])[:, None, None]  # [rows, 1, 1, width]
-        if rows == 1:  # one row sees all its cache (SDPA's unmasked path); eager, plain indexing writes it
-            row_index, where, visible = (row_index, where, None) if self.compiled else (0, self.lengths[0], None)
+        compiled = self._decode_layer is not decode_layer
+        if rows == 1 and not compiled:  # plain indexing writes one row's cache; it sees all of it (SDPA unmasked)
+            row_index, where, visible = 0, self.lengths[0], None
+        else:
+            row_index, where = torch.arange(rows), positions
+            visible = None if rows == 1 else (torch.arange(width)[None] <= positions[:, None])[:, None, None]
         with torch.no_grad():
             x = self.embed[torch.tensor(token_ids)]  # [rows, hidden]
             rotations = self.rotations[positions][:, None]  # [rows, 1, half]
