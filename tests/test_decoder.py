@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpo_space.decoder import RESCORED, LlamaDecoder, PackedLinear, supports
+from dpo_space.decoder import MIN_CACHE, RESCORED, LlamaDecoder, PackedLinear, supports
 from tests.conftest import FIXTURE_HH
 
 
@@ -168,15 +168,23 @@ def test_int4_keeps_the_lora_adapter_apart_so_the_policy_still_differs_from_its_
 
 
 def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
-    """DECODER_COMPILE=1: torch.compile fuses each layer's small ops (one graph for one row, one for several)."""
-    eager, compiled = LlamaDecoder(tiny_model, "fp32"), LlamaDecoder(tiny_model, "fp32", compile=True)
-    assert compiled.warm_up() > 0 and compiled.rows == 0
+    """compile(): one graph for a whole single-row step, dynamic in the cache's length (it grows past MIN_CACHE
+    here) and whatever the cache's number of rows; several rows stay eager."""
+    eager, compiled = LlamaDecoder(tiny_model, "fp32"), LlamaDecoder(tiny_model, "fp32")
+    assert compiled.compile() > 0 and compiled.rows == 0
+    long_prompt = [(7 * i) % 250 + 3 for i in range(MIN_CACHE - 2)]
     for decoder in (eager, compiled):
-        decoder.prefill([5, 6, 7])
+        decoder.prefill(long_prompt)
+    for step in range(4):  # positions MIN_CACHE - 2 .. MIN_CACHE + 1: the cache doubles on the way
+        assert torch.allclose(compiled.decode([100 + step])[0], eager.decode([100 + step])[0], atol=1e-4)
+    for decoder in (eager, compiled):  # a cache of two rows, then one in use: the graph sees its first row
         decoder.prefill(list(range(40, 60)))
-    for step in range(4):
-        tokens = [100 + step, 200 + step]
-        assert torch.allclose(compiled.decode(tokens), eager.decode(tokens), atol=1e-4)
+    assert torch.allclose(compiled.decode([5, 6]), eager.decode([5, 6]), atol=1e-4)
+    for decoder in (eager, compiled):
+        decoder.remove_row(0)
+    assert compiled.keys[0].shape[0] == 2
+    for step in range(3):
+        assert torch.allclose(compiled.decode([200 + step]), eager.decode([200 + step]), atol=1e-4)
 
 
 def test_int4_rows_decoded_together_agree_with_each_row_alone(embedded_model):
