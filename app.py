@@ -4,7 +4,8 @@
 
 Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``; default: the shipped
 adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID,
-DTYPE (auto|float32|bfloat16), DECODER (auto|int4|fp32|generate), DECODER_COMPILE (1: torch.compile),
+DTYPE (auto|float32|bfloat16), DECODER (auto|int4|fp32|generate), DECODER_COMPILE (default 1: compile the
+decoder's single-row step in the background, serving eagerly meanwhile; 0: never),
 QUEUE_MAX_SIZE, MAX_BATCH, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_INTERVAL, STREAM_TIMEOUT, STATE_SESSION_CAPACITY,
 GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
 """
@@ -220,7 +221,7 @@ def main() -> None:
     args = parser.parse_args()
     env = os.environ.get
     engine = Engine.load(args.model, args.ref_model, dtype=env("DTYPE", "auto"), decoder=env("DECODER", "auto"),
-                         compile=env("DECODER_COMPILE") == "1")  # fmt: skip
+                         compile=env("DECODER_COMPILE", "1") == "1")  # fmt: skip
     demo = build_ui()
     # Gradio keeps timing records of the last 10,000 events by default: memory that grows with traffic.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")

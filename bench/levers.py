@@ -65,7 +65,8 @@ def decode_with_decoder(model, tokenizer, new_tokens: int, lever: dict, repeats:
     """The Space's decoder: prefill, then one ``decode`` call a token, greedy."""
     from dpo_space.decoder import LlamaDecoder
 
-    decoder = LlamaDecoder(model, lever["decoder"], max_rows=1, compile=lever.get("compile", False))
+    decoder = LlamaDecoder(model, lever["decoder"], max_rows=1)
+    compile_s = decoder.compile() if lever.get("compile") else 0.0
     ids = tokenizer(PROMPT)["input_ids"]
     timings = []
     for _ in range(1 + repeats):
@@ -75,7 +76,7 @@ def decode_with_decoder(model, tokenizer, new_tokens: int, lever: dict, repeats:
         for _ in range(new_tokens - 1):
             token = int(decoder.decode([token])[0].argmax())
         timings.append(time.perf_counter() - started)
-    timings[0] += decoder.warm_up() if lever.get("compile") else 0.0
+    timings[0] += compile_s
     return {"decode_tok_s": new_tokens / statistics.median(timings[1:]), "warmup_s": timings[0],
             "runs_tok_s": [new_tokens / t for t in timings[1:]]}  # fmt: skip
 

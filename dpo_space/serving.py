@@ -129,7 +129,12 @@ class Engine:
         self._lock = threading.Lock()  # one batch or scoring at a time: the adapter toggle is global to the model
         self._count_lock = threading.Lock()
         self._requests: set[Request] = set()
-        self.decoders = self._build_decoders(decoder, compile)  # {use_reference: LlamaDecoder}, or None: generate
+        self.decoders = self._build_decoders(decoder)  # {use_reference: LlamaDecoder}, or None: generate
+        self.compiled = threading.Event()  # set once the decoders decode single rows with their compiled step
+        self.compiling = None
+        if compile and self.decoders:
+            self.compiling = threading.Thread(target=self._compile_decoders, name="compile-decoders", daemon=True)
+            self.compiling.start()
 
     # --- loading ---
 
@@ -154,7 +159,7 @@ class Engine:
         return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input, decoder=decoder,
                    compile=compile)  # fmt: skip
 
-    def _build_decoders(self, choice: str, compile: bool) -> dict | None:
+    def _build_decoders(self, choice: str) -> dict | None:
         """``auto``: int4 ``LlamaDecoder``s where they run (a Llama on the CPU), else ``generate``. An adapter's
         reference is the same decoder with the adapter off."""
         from dpo_space.decoder import WEIGHT_FORMATS, LlamaDecoder, supports
@@ -169,17 +174,28 @@ class Engine:
         if reason:
             raise ValueError(f"DECODER={choice} cannot run this model: {reason}; use DECODER=generate")
         weight_format = "int4" if choice == "auto" else choice
-        build = functools.partial(LlamaDecoder, weight_format=weight_format, max_rows=self.max_batch, compile=compile)
+        build = functools.partial(LlamaDecoder, weight_format=weight_format, max_rows=self.max_batch)
         policy = build(models[0])
         if self.reference is not None:
             reference = build(models[1])
         else:  # as scoring.reference_model: the base with the adapter off, or the policy itself
             reference = policy.without_adapter()
-        if compile:
-            seconds = policy.warm_up() + (reference.warm_up() if reference.adapter != policy.adapter else 0)
-            logger.info("Compiled the decoders in %.0f s", seconds)
         logger.info("Decoding with %s LlamaDecoders", weight_format)
         return {False: policy, True: reference}
+
+    def _compile_decoders(self) -> None:
+        """In the background, while requests decode eagerly: each decoder switches to its compiled step when it
+        is ready (``LlamaDecoder.compile``). A failure (no C++ compiler, say) leaves them eager."""
+        policy, reference = self.decoders[False], self.decoders[True]
+        try:
+            seconds = policy.compile()
+            if reference.layers is not policy.layers:  # a separate reference model; a view shares the policy's
+                seconds += reference.compile()
+        except Exception:
+            logger.exception("Compiling the decoders failed; they go on decoding eagerly")
+            return
+        logger.info("Compiled the decoders in %.0f s", seconds)
+        self.compiled.set()
 
     @property
     def decoder(self) -> str:
@@ -202,6 +218,7 @@ class Engine:
             "reference": self.reference_label,
             "dtype": str(self.policy.dtype).removeprefix("torch."),
             "decoder": self.decoder,
+            "compiled": self.compiled.is_set(),
             "device": str(self.policy.device),
             "parameters": sum(p.numel() for p in model.parameters()),
             "beta": self.beta,

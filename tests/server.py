@@ -28,7 +28,8 @@ def running_app(model_id: str | None, timeout: float = 300, preamble: str = "", 
     port = free_port()
     log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"app-{port}.log"
     full_env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-                "GRADIO_ANALYTICS_ENABLED": "False", **env}  # fmt: skip
+                "GRADIO_ANALYTICS_ENABLED": "False", "DECODER_COMPILE": "0", **env}  # fmt: skip
+    # DECODER_COMPILE=0: compiling in the background would take the CPU from the tests; one test turns it on
     full_env.pop("MODEL_ID", None)
     if model_id is not None:
         full_env["MODEL_ID"] = model_id

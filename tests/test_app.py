@@ -120,6 +120,24 @@ def test_stop_ends_the_server_side_generation(client):
     assert client.predict("Hi", "Assistant reply", *GREEDY.values(), api_name="/generate") is not None
 
 
+def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapter, engine):
+    """DECODER_COMPILE=1, the Space's default: requests are answered (eagerly) while the single-row step compiles,
+    /info says when it is done, and the compiled step gives the same greedy reply as a direct generate."""
+    with running_app(tiny_adapter, DECODER="fp32", DECODER_COMPILE="1") as (url, proc):
+        client = Client(url, verbose=False)
+        meanwhile = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
+        deadline = time.monotonic() + 600
+        while not client.predict(api_name="/info")["compiled"]:
+            assert time.monotonic() < deadline, proc.log_path.read_text()[-3000:]
+            time.sleep(2)
+        compiled = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
+        assert "Compiled the decoders in" in proc.log_path.read_text()
+    ids = torch.tensor([engine.prepare("Hello there", "Assistant reply", 24).input_ids])
+    with torch.no_grad():
+        direct = engine.policy.model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
+    assert compiled == meanwhile == engine.tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def test_a_full_queue_answers_busy(tiny_adapter):
     with running_app(tiny_adapter, QUEUE_MAX_SIZE="1", CONCURRENCY="1") as (url, _):
         client = Client(url, verbose=False)

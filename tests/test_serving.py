@@ -274,3 +274,20 @@ def test_arrivals_are_prefilled_in_packs_of_at_most_the_token_budget():
     assert sizes([3, 3, 5, 1], 6) == [[3, 3], [5, 1]]
     assert sizes([7, 2], 6) == [[7], [2]]  # a prompt over the budget goes alone
     assert sizes([], 6) == []
+
+
+def test_a_failed_compile_leaves_the_engine_decoding_eagerly(tiny_adapter, monkeypatch, caplog):
+    """A Space without a C++ compiler, say: the error is logged and the eager decoder goes on serving."""
+    from dpo_space.decoder import LlamaDecoder
+
+    def fail(decoder):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(LlamaDecoder, "compile", fail)
+    with caplog.at_level("ERROR"):
+        engine = Engine.load(tiny_adapter, decoder="fp32", compile=True)
+        engine.compiling.join(60)
+    assert "Compiling the decoders failed; they go on decoding eagerly" in caplog.text
+    assert not engine.compiled.is_set() and not engine.info()["compiled"]
+    prepared = engine.prepare("Hello", MODE_REPLY, 12)
+    assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1]
