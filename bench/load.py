@@ -80,6 +80,7 @@ def run_load(url: str, pid: int, users: int, requests: int, rounds: int, max_new
 
 
 def main() -> None:
+    from bench.serve import wait_until_compiled
     from tests.server import running_app
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
     args = parser.parse_args()
-    with running_app(args.model) as (url, proc):
+    with running_app(args.model, DECODER_COMPILE="1") as (url, proc):  # the Space's default
+        wait_until_compiled(url)
         result = run_load(url, proc.pid, args.users, args.requests, args.rounds, args.max_new_tokens)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     result |= {"model": args.model, "users": args.users, "max_new_tokens": args.max_new_tokens, "machine": machine}

@@ -5,7 +5,8 @@
 Side by side in one run, greedy, on prompts of about 16, 256 and 1,024 tokens (each path ``--repeats`` times,
 interleaved; medians):
 - ``original``: the original demo's path, a non-streaming fp32 ``generate`` (the user sees the reply at the end);
-- ``project``: this project's path, ``Engine.stream`` (streamed, the Space's default dtype);
+- ``project``: this project's path, ``Engine.stream`` (streamed, the Space's defaults: int4, compiled; measured
+  once compiled); ``project, eager``: the same without compiling (``DECODER_COMPILE=0``);
 - ``llama.cpp`` on the same GGUF, when ``llama-cpp-python`` is installed (optional).
 Then 1/2/4/8 concurrent ``gradio_client`` users against the real app: aggregate tokens/s and p50/p95 time
 to first token (``--in-process``, or without gradio installed: threads calling the engine directly). Then
@@ -39,6 +40,17 @@ TEXT = (
 def prompt_of(tokenizer, n_tokens: int) -> str:
     ids = tokenizer(TEXT * (n_tokens // 20 + 2), add_special_tokens=False)["input_ids"][:n_tokens]
     return tokenizer.decode(ids)
+
+
+def wait_until_compiled(url: str, timeout: float = 900) -> None:
+    """The app compiles its decoder in the background (serving eagerly meanwhile): measure it once it is done."""
+    from gradio_client import Client
+
+    client, deadline = Client(url, verbose=False), time.monotonic() + timeout
+    while not client.predict(api_name="/info")["compiled"]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the app at {url} did not finish compiling its decoder in {timeout:.0f} s")
+        time.sleep(2)
 
 
 def original_path(loaded, prompt: str, new_tokens: int) -> dict:
@@ -192,10 +204,15 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = load_model(args.model, dtype=torch.float32, device=device)
-    engine = Engine.load(args.model)
+    engine = Engine.load(args.model, compile=True)  # the Space's default: compiles in the background
+    eager = Engine.load(args.model)
+    engine.compiling.join()
+    if not engine.compiled.is_set():
+        raise SystemExit("compiling the decoder failed (see the log above)")
     paths = {
         "original": lambda p: original_path(baseline, p, args.new_tokens),
         "project": lambda p: project_path(engine, p, args.new_tokens),
+        "project, eager": lambda p: project_path(eager, p, args.new_tokens),
         "llama.cpp": lambda p: llama_cpp_path(p, args.new_tokens),
     }
     rows = []
@@ -213,7 +230,9 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     in_process = args.in_process or importlib.util.find_spec("gradio") is None
     concurrency = []
-    with contextlib.nullcontext(None) if in_process else running_app(args.model) as app:
+    with contextlib.nullcontext(None) if in_process else running_app(args.model, DECODER_COMPILE="1") as app:
+        if app:
+            wait_until_compiled(app[0])
         for users in map(int, args.concurrency.split(",")):
             if in_process:
                 calls = [functools.partial(engine_user, engine, prompt, args.new_tokens)] * users
@@ -236,10 +255,10 @@ def main() -> None:
               "concurrent": concurrency, "batch_of": args.batch, "batched": batched}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'path':<10} {'prompt':>6} {'TTFT s':>8} {'decode tok/s':>13}")
+    print(f"\n{'path':<15} {'prompt':>6} {'TTFT s':>8} {'decode tok/s':>13}")
     for row in rows:
         if "ttft_s" in row:
-            print(f"{row['path']:<10} {row['prompt_tokens']:>6} {row['ttft_s']:>8.2f} {row['decode_tok_s']:>13.1f}")
+            print(f"{row['path']:<15} {row['prompt_tokens']:>6} {row['ttft_s']:>8.2f} {row['decode_tok_s']:>13.1f}")
     print(f"\n{'users':>5} {'aggregate tok/s':>16} {'TTFT p50 s':>11} {'TTFT p95 s':>11}")
     for row in concurrency:
         print(

@@ -13,7 +13,9 @@ recipe cannot win by learning less:
 - ``lora-eval-batch-2``: that, with held-out batches of 2 (less peak memory);
 - ``recipe``: the recipe as it is: that, with the LM head projected at completion positions only (TRL projects
   every position on a CPU; ``train/speed.py``); every config above projects them all, as the original did;
-- ``recipe-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32).
+- ``recipe-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32);
+- ``recipe-top-15-layers``, ``recipe-top-8-layers``: the recipe with LoRA on the top 15 or 8 of the 30 layers
+  only (``--lora_top_layers``): the backward pass stops below them.
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -44,6 +46,8 @@ CONFIGS = {
     "lora-eval-batch-2": [*LORA, *ALL_POSITIONS],
     "recipe": LORA,  # the recipe as it is: that, scoring completion positions only
     "recipe-bf16-weights": [*LORA, "--dtype", "bfloat16"],
+    "recipe-top-15-layers": [*LORA, "--lora_top_layers", "15"],
+    "recipe-top-8-layers": [*LORA, "--lora_top_layers", "8"],
 }  # fmt: skip
 
 

@@ -370,7 +370,10 @@ class LlamaDecoder:
         step = torch.compile(decode_step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True},
                              recompile_limit=64)  # fmt: skip
         adapters = {False, self.has_adapter}
-        parts = {adapter: stacked([layer.parts[adapter, False] for layer in self.layers]) for adapter in adapters}
+        try:
+            parts = {adapter: stacked([layer.parts[adapter, False] for layer in self.layers]) for adapter in adapters}
+        except (RuntimeError, IndexError) as error:  # stack's sizes differ, or one layer has an adapter, one not
+            raise ValueError("compile() needs every layer alike (LoRA on some layers only: decode eagerly)") from error
         compiled = {"step": step, "parts": parts}
         scratch = copy.copy(self)
         scratch.keys, scratch.values, scratch.lengths, scratch._compiled = [], [], [], compiled

@@ -56,6 +56,19 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
+def test_lora_on_the_top_layers_only_trains_those(tmp_path, tiny_path):
+    """--lora_top_layers 1: the adapter holds the last layer's LoRA weights only, and they trained."""
+    total = json.loads((Path(tiny_path) / "config.json").read_text())["num_hidden_layers"]
+    run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "4", "--lora_top_layers", "1", "--max_steps", "2")
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    assert adapter and all(f".layers.{total - 1}." in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    with pytest.raises(ValueError, match=rf"lora_top_layers must be in \[1, {total}\] for this model; got 0"):
+        run_tiny(tmp_path / "zero", "--use_peft", "true", "--lora_top_layers", "0")
+    with pytest.raises(ValueError, match="lora_top_layers needs use_peft: true"):
+        run_tiny(tmp_path / "full", "--lora_top_layers", "1")
+
+
 def test_precomputed_reference_log_probs_train(tmp_path, tiny_path):
     results = run_tiny(tmp_path, "--precompute_ref_log_probs", "true", "--max_steps", "2")
     assert math.isfinite(results["train_loss"]) and DPO_KEYS <= results.keys()

@@ -49,6 +49,11 @@ class ScriptArguments:
         metadata={"help": "Project the LM head at completion positions only (TRL does so on CUDA; on CPU it scores "
                           "every position, prompt included). Same log-probs, less work (train/speed.py)."},
     )  # fmt: skip
+    lora_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
+                          "them, so it costs less time and memory."},
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None):
@@ -127,6 +132,16 @@ def record_adapter_base(output_dir: str, base_name: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def top_layers(count: int, peft_config, model) -> list[int]:
+    """The indices of the top ``count`` decoder layers, for ``LoraConfig.layers_to_transform``."""
+    total = model.config.num_hidden_layers
+    if peft_config is None:
+        raise ValueError("lora_top_layers needs use_peft: true (it says which layers get LoRA)")
+    if not 0 < count <= total:
+        raise ValueError(f"lora_top_layers must be in [1, {total}] for this model; got {count}")
+    return list(range(total - count, total))
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script_args, training_args, model_args = parse_args(argv)
@@ -149,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         score_completions_only()
     model = load_causal_lm(name, dtype=model_args.dtype)
     peft_config = get_peft_config(model_args)
+    if script_args.lora_top_layers is not None:
+        peft_config.layers_to_transform = top_layers(script_args.lora_top_layers, peft_config, model)
     ref_model = None  # LoRA: the reference is the policy with its adapter disabled, no second copy
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
