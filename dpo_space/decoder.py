@@ -15,7 +15,8 @@ matmuls per layer (q/k/v as one, gate/up as one) in one of two weight formats:
 * ``fp32``: the fp32 weights, transposed once; the same greedy tokens as ``generate``.
 
 Rows decode together at their own positions: a request that arrives is prefilled into a new cache row and
-joins at the next step; a finished row's place is taken by the last row.
+joins at the next step; a finished row's place is taken by the last row. ``LlamaDecoder.compile`` turns a single
+row's whole step into one compiled graph (``decode_step``); several rows decode eagerly.
 """
 
 from __future__ import annotations
@@ -280,10 +281,12 @@ def decode_step(token_ids, positions, embed, rotations, norm, layers: tuple, key
                 eps: float):  # fmt: skip
     """A whole ``LlamaDecoder.decode`` step: token_ids and positions [rows] through every layer and the output
     layer; returns the logits [rows, vocab]. ``LlamaDecoder.compile`` makes it one graph (one guard check and one
-    call into compiled C++ a token instead of ~450 Python calls to small ops), so attention reads the cache's whole
-    length, masked, and keeps the graph's shapes fixed while the sequence grows. ``layers``: every layer's
-    ``Layer.parts`` stacked (``stacked``: fewer arguments, a shorter guard check); keys and values: lists of each
-    layer's cache (one tensor for all layers would be copied whole at every step: its in-place updates chain)."""
+    call into compiled C++ a token instead of ~450 Python calls to small ops). Attention reads the cache's whole
+    length, masked, a dimension the graph takes as dynamic: one graph however long the sequence grows.
+
+    ``layers``: every layer's ``Layer.parts`` stacked (``stacked``: fewer arguments, a shorter guard check); keys
+    and values: lists of each layer's cache (one tensor for all layers would be copied whole at every step: its
+    in-place updates chain)."""
     import torch
 
     rows = token_ids.shape[0]
@@ -297,13 +300,21 @@ def decode_step(token_ids, positions, embed, rotations, norm, layers: tuple, key
     return head(torch.nn.functional.rms_norm(x, norm.shape, norm, eps)).float()
 
 
-def stacked(trees: list):
-    """Equally shaped nested tuples of tensors, one per layer, as one nested tuple of [layer, ...] tensors."""
+def stacked(trees: list, memo: dict):
+    """Equally shaped nested tuples of tensors, one per layer, as one nested tuple of [layer, ...] tensors. The
+    same tensors stacked again (``memo``) give the same stack: with the adapter and without share the weights."""
     import torch
 
     if isinstance(trees[0], tuple):
-        return tuple(stacked([tree[j] for tree in trees]) for j in range(len(trees[0])))
-    return torch.stack(trees)
+        if any(not isinstance(tree, tuple) or len(tree) != len(trees[0]) for tree in trees):
+            raise ValueError("the layers differ (an adapter on some layers only?)")
+        return tuple(stacked([tree[j] for tree in trees], memo) for j in range(len(trees[0])))
+    if any(tree.shape != trees[0].shape or tree.dtype != trees[0].dtype for tree in trees):
+        raise ValueError("the layers' weights differ in shape or type")
+    key = tuple(map(id, trees))
+    if key not in memo:
+        memo[key] = torch.stack(trees)
+    return memo[key]
 
 
 def picked(tree, i: int):
@@ -371,9 +382,10 @@ class LlamaDecoder:
                              recompile_limit=64)  # fmt: skip
         adapters = {False, self.has_adapter}
         try:
-            parts = {adapter: stacked([layer.parts[adapter, False] for layer in self.layers]) for adapter in adapters}
-        except (RuntimeError, IndexError) as error:  # stack's sizes differ, or one layer has an adapter, one not
-            raise ValueError("compile() needs every layer alike (LoRA on some layers only: decode eagerly)") from error
+            memo = {}
+            parts = {a: stacked([layer.parts[a, False] for layer in self.layers], memo) for a in adapters}
+        except ValueError as error:
+            raise ValueError(f"compile() needs every layer alike; decode eagerly: {error}") from error
         compiled = {"step": step, "parts": parts}
         scratch = copy.copy(self)
         scratch.keys, scratch.values, scratch.lengths, scratch._compiled = [], [], [], compiled

@@ -219,3 +219,18 @@ def test_prompts_prefilled_together_match_the_model_and_decode_on(tiny_model):
     decoder.remove_row(3)
     with pytest.raises(ValueError, match="2 prompts do not fit in the 1 free rows"):
         decoder.prefill_rows([[1], [2]])
+
+
+def test_compiling_refuses_an_adapter_on_some_layers_only(tiny_model):
+    """``--lora_top_layers``: the stacked step would drop the adapter of layers that differ; compile() refuses."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        copy.deepcopy(tiny_model), LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[1])
+    )
+    decoder = LlamaDecoder(model, "fp32")
+    with pytest.raises(ValueError, match=r"compile\(\) needs every layer alike; decode eagerly: the layers differ"):
+        decoder.compile()
+    assert decoder._compiled["step"] is None
