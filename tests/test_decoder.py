@@ -234,3 +234,21 @@ def test_compiling_refuses_an_adapter_on_some_layers_only(tiny_model):
     with pytest.raises(ValueError, match=r"compile\(\) needs every layer alike; decode eagerly: the layers differ"):
         decoder.compile()
     assert decoder._compiled["step"] is None
+
+
+def test_a_compiled_decoder_applies_the_adapter_as_the_eager_one_does(tiny_adapter):
+    """One compiled graph with the adapter and one without: each view's logits equal the eager decoder's."""
+    from dpo_space.models import load_model
+
+    model = load_model(tiny_adapter).model
+    eager, compiled = LlamaDecoder(model, "fp32"), LlamaDecoder(model, "fp32")
+    compiled.compile()
+    logits = {}
+    for name, decoder in [("eager", eager), ("compiled", compiled)]:
+        for view in (decoder, decoder.without_adapter()):
+            view.reset()
+            view.prefill([5, 17, 300, 42])
+            logits[name, view.adapter] = torch.stack([view.decode([100 + step])[0] for step in range(3)])
+    for adapter in (True, False):
+        assert torch.allclose(logits["compiled", adapter], logits["eager", adapter], atol=1e-4)
+    assert (logits["eager", True] - logits["eager", False]).abs().max() > 1e-3  # the adapter moves the logits
