@@ -80,8 +80,7 @@ def run_load(url: str, pid: int, users: int, requests: int, rounds: int, max_new
 
 
 def main() -> None:
-    from bench.serve import wait_until_compiled
-    from tests.server import running_app
+    from tests.server import running_app, wait_until_compiled
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded")

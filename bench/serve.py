@@ -42,17 +42,6 @@ def prompt_of(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
-def wait_until_compiled(url: str, timeout: float = 900) -> None:
-    """The app compiles its decoder in the background (serving eagerly meanwhile): measure it once it is done."""
-    from gradio_client import Client
-
-    client, deadline = Client(url, verbose=False), time.monotonic() + timeout
-    while not client.predict(api_name="/info")["compiled"]:
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the app at {url} did not finish compiling its decoder in {timeout:.0f} s")
-        time.sleep(2)
-
-
 def original_path(loaded, prompt: str, new_tokens: int) -> dict:
     """Non-streaming generate: the first token reaches the user with the last."""
     import torch
@@ -200,12 +189,12 @@ def main() -> None:
 
     from dpo_space.models import load_model, load_tokenizer
     from dpo_space.serving import Engine
-    from tests.server import running_app
+    from tests.server import running_app, wait_until_compiled
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = load_model(args.model, dtype=torch.float32, device=device)
     engine = Engine.load(args.model, compile=True)  # the Space's default: compiles in the background
-    eager = Engine.load(args.model)
+    eager = Engine(engine.policy, engine.reference, beta=engine.beta, max_input_tokens=engine.max_input_tokens)
     engine.compiling.join()
     if not engine.compiled.is_set():
         raise SystemExit("compiling the decoder failed (see the log above)")

@@ -329,7 +329,7 @@ class LlamaDecoder:
     ``adapter``: whether this decoder applies the LoRA adapter; ``without_adapter()`` gives the other view, which
     shares the weights and the cache (run one at a time)."""
 
-    def __init__(self, model, weight_format: str = "int4", max_rows: int = 8, compile: bool = False):
+    def __init__(self, model, weight_format: str = "int4", max_rows: int = 8):
         import torch
 
         self.adapter = is_peft(model)
@@ -363,8 +363,6 @@ class LlamaDecoder:
         self.lengths: list[int] = []  # tokens cached per row; a row's next position
         self.has_adapter = self.adapter  # a view without it still has one
         self._compiled = {"step": None}  # shared with the views: compiling one compiles all
-        if compile:
-            self.compile()
 
     def compile(self) -> float:
         """Compile ``decode_step`` for one row (with the adapter and without), then decode single rows with it, in
@@ -426,6 +424,7 @@ class LlamaDecoder:
             want[0] = min(2 * want[0], self.max_rows)
         while want[1] < length:
             want[1] *= 2
+        self._compiled.pop("first_rows", None)  # views of the caches replaced below
         for cache in (self.keys, self.values):
             for i in range(len(self.layers)):
                 grown = torch.zeros(want[0], self.kv_heads, want[1], self.head_dim, dtype=self.attention_dtype)
@@ -540,11 +539,22 @@ class LlamaDecoder:
         cache's number of rows, dynamic in its length."""
         import torch
 
-        keys, values = self.keys, self.values
-        if keys[0].shape[0] > 1:  # the graph is for a cache of one row: pass views of its first
-            keys, values = [k[:1] for k in keys], [v[:1] for v in values]
-            for cache in (*keys, *values):
-                torch._dynamo.mark_dynamic(cache, 2)
+        keys, values = self._first_rows()
         return self._compiled["step"](torch.tensor(token_ids), positions, self.embed, self.rotations, self.norm,
                                       self._compiled["parts"][self.adapter], keys, values, self.lm_head, self.heads,
                                       self.eps)  # fmt: skip
+
+    def _first_rows(self) -> tuple[list, list]:
+        """Each layer's keys and values as a one-row cache, what the compiled graph takes: the caches themselves,
+        or views of their first row, made once per cache (not once per token) and shared with the views."""
+        import torch
+
+        made = self._compiled.get("first_rows")
+        if made is None or made[0] is not self.keys[0]:
+            keys, values = self.keys, self.values
+            if keys[0].shape[0] > 1:
+                keys, values = [k[:1] for k in keys], [v[:1] for v in values]
+                for cache in (*keys, *values):
+                    torch._dynamo.mark_dynamic(cache, 2)
+            made = self._compiled["first_rows"] = (self.keys[0], keys, values)
+        return made[1], made[2]

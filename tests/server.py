@@ -59,3 +59,15 @@ def running_app(model_id: str | None, timeout: float = 300, preamble: str = "", 
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def wait_until_compiled(url: str, timeout: float = 900) -> None:
+    """The app compiles its decoder in the background (DECODER_COMPILE=1), serving eagerly meanwhile: wait until
+    ``/info`` says it is done."""
+    from gradio_client import Client
+
+    client, deadline = Client(url, verbose=False), time.monotonic() + timeout
+    while not client.predict(api_name="/info")["compiled"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the app at {url} did not finish compiling its decoder in {timeout:.0f} s")
+        time.sleep(2)
