@@ -261,11 +261,12 @@ class Engine:
                 while not request.tokens.empty():
                     items.append(request.tokens.get_nowait())
                 if not items:
+                    running = request.started.is_set()  # a batch that starts during this wait gets a whole one
                     try:
                         items = [request.tokens.get(timeout=self.stream_timeout)]
                     except queue.Empty:
-                        if not request.started.is_set():
-                            continue  # still waiting for its batch: the queue in front bounds the wait
+                        if not running:
+                            continue  # it was still waiting for its batch: the queue in front bounds that wait
                         raise GenerationError(
                             f"the model produced nothing for {self.stream_timeout:g} s; try again"
                         ) from None

@@ -1,10 +1,12 @@
 """The Space's logic in-process: settings validation, prompt budget, streaming, stopping and scoring."""
 
+import threading
 import time
 
 import pytest
 import torch
 
+from dpo_space.batching import END
 from dpo_space.prompts import format_response, format_user_prompt
 from dpo_space.serving import (
     MODE_CONTINUE,
@@ -214,18 +216,49 @@ def test_stopping_one_batched_stream_leaves_the_others_running(engine):
 
 
 def test_a_request_waiting_for_its_batch_does_not_time_out(engine):
-    prepared = engine.prepare("Hello", MODE_CONTINUE, 400)
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 12)
     saved, engine.stream_timeout = engine.stream_timeout, 0.3
+    engine._lock.acquire()  # what a long scoring call holds: no batch can start for 0.8 s
+    threading.Timer(0.8, engine._lock.release).start()
     try:
-        running = engine.stream(prepared, GenerationSettings.validated(**{**GREEDY, "max_new_tokens": 400}), True)
-        next(running)  # a reference-model batch is running: a policy request cannot join it
         started = time.monotonic()
         waiting = list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))
         waited = time.monotonic() - started
-        assert waiting and list(running)
     finally:
         engine.stream_timeout = saved
-    assert waited > 0.3  # it did wait longer than the timeout, and was served
+    assert waited >= 0.8  # longer than the timeout, and then it was served
+    assert waiting[-1] == direct_greedy(engine, prepared.input_ids, max_new_tokens=12)
+
+
+class LateStart:
+    """A batcher whose batch starts 0.3 s after the request arrives and streams its first token 0.4 s later."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+    def submit(self, request):
+        def run():
+            time.sleep(0.3)
+            request.started.set()
+            time.sleep(0.4)
+            for token in self.token_ids:
+                request.tokens.put(token)
+            request.tokens.put(END)
+            request.finished.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def withdraw(self, request):
+        request.stop.set()
+
+
+def test_a_batch_that_starts_late_in_a_wait_gets_the_whole_timeout(engine, monkeypatch):
+    # the CI failure: a wait began before the batch started and ended 0.2 s after it, before its first token
+    token_ids = engine.tokenizer.encode("Hello there")
+    monkeypatch.setitem(engine.__dict__, "batcher", LateStart(token_ids))
+    monkeypatch.setattr(engine, "stream_timeout", 0.5)
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 12)
+    assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1] == "Hello there"
 
 
 def test_the_policy_decodes_merged_and_round_trips_leave_the_base_weights(engine, tiny_path):
