@@ -123,14 +123,16 @@ class PackedLinear:
         return self.format in self.DENSE_ROWS and rows >= self.DENSE_ROWS[self.format]
 
     def _q8(self, x):
-        """Logits [rows, out] in fp32. Few rows: all scored by the int8 kernel (one int8 scale per row: ~1% off),
-        then the ``RESCORED`` best of each row computed again from the Q8_0 weights, so the tokens that can be
-        picked get their exact logits."""
+        """Logits [rows, out] in fp32. All are scored roughly: few rows by the int8 kernel (one int8 scale per row:
+        ~1% off), more by the bf16 matrix (its bf16 output is 0.125 apart near 20, enough to tie the best two);
+        then the ``RESCORED`` best of each row are computed again from the Q8_0 weights, so the tokens that can
+        be picked get their exact logits, however many rows decode together."""
         import torch
 
         if self.dense_for(x.shape[0]):
-            return torch.nn.functional.linear(x.to(torch.bfloat16), self.dense).float()
-        logits = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.int8_scale).float()
+            logits = torch.nn.functional.linear(x.to(torch.bfloat16), self.dense).float()
+        else:
+            logits = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.int8, self.int8_scale).float()
         best = logits.topk(RESCORED, dim=-1).indices  # [rows, RESCORED]
         exact = (self.dense[best].float() @ x.float()[:, :, None])[..., 0]
         return logits.scatter_(1, best, exact)
@@ -307,7 +309,7 @@ def stacked(trees: list, memo: dict):
 
     if isinstance(trees[0], tuple):
         if any(not isinstance(tree, tuple) or len(tree) != len(trees[0]) for tree in trees):
-            raise ValueError("the layers differ (an adapter on some layers only?)")
+            raise ValueError("the layers differ")
         return tuple(stacked([tree[j] for tree in trees], memo) for j in range(len(trees[0])))
     if any(tree.shape != trees[0].shape or tree.dtype != trees[0].dtype for tree in trees):
         raise ValueError("the layers' weights differ in shape or type")
@@ -315,6 +317,17 @@ def stacked(trees: list, memo: dict):
     if key not in memo:
         memo[key] = torch.stack(trees)
     return memo[key]
+
+
+def with_zero_adapters(parts: list) -> list:
+    """Each layer's ``Layer.parts`` with an adapter on each matrix that has one in any layer: zeros, which add
+    nothing, where a layer has none (``--lora_top_layers``), so that every layer stacks alike."""
+    import torch
+
+    adapters = [max((layer[j][1] for layer in parts), key=len) for j in range(2, len(parts[0]))]
+    return [(*layer[:2], *((weight, lora or tuple(map(torch.zeros_like, adapter)))
+                           for (weight, lora), adapter in zip(layer[2:], adapters, strict=True)))
+            for layer in parts]  # fmt: skip
 
 
 def picked(tree, i: int):
@@ -381,7 +394,8 @@ class LlamaDecoder:
         adapters = {False, self.has_adapter}
         try:
             memo = {}
-            parts = {a: stacked([layer.parts[a, False] for layer in self.layers], memo) for a in adapters}
+            parts = {a: stacked(with_zero_adapters([layer.parts[a, False] for layer in self.layers]), memo)
+                     for a in adapters}  # fmt: skip
         except ValueError as error:
             raise ValueError(f"compile() needs every layer alike; decode eagerly: {error}") from error
         compiled = {"step": step, "parts": parts}
