@@ -188,11 +188,11 @@ def main() -> None:
     import torch
 
     from dpo_space.models import load_model, load_tokenizer
-    from dpo_space.serving import Engine
+    from dpo_space.serving import Engine, in_own_thread
     from tests.server import running_app, wait_until_compiled
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    baseline = load_model(args.model, dtype=torch.float32, device=device)
+    baseline = in_own_thread(load_model, args.model, dtype=torch.float32, device=device)
     engine = Engine.load(args.model, compile=True)  # the Space's default: compiles in the background
     eager = Engine(engine.policy, engine.reference, beta=engine.beta, max_input_tokens=engine.max_input_tokens)
     engine.compiling.join()
@@ -210,7 +210,7 @@ def main() -> None:
         runs = {name: [] for name in paths}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path alike
             for name, run in paths.items():
-                runs[name].append(run(prompt))
+                runs[name].append(in_own_thread(run, prompt))  # no OpenMP team stays (in_own_thread)
         for name, results in runs.items():
             rows.append({"path": name, "prompt_tokens": n, **median_run(results)})
             print(rows[-1], flush=True)
@@ -236,7 +236,7 @@ def main() -> None:
             print(concurrency[-1], flush=True)
 
     prompts = [prompt_of(baseline.tokenizer, 40 + 3 * i) for i in range(args.batch)]
-    batched = batch_paths(engine.policy, engine, prompts, args.new_tokens)  # same weights and dtype as served
+    batched = in_own_thread(batch_paths, engine.policy, engine, prompts, args.new_tokens)  # the served weights
     for row in batched:
         print(row, flush=True)
 

@@ -110,6 +110,17 @@ def check_text(name: str, text) -> str:
     return text
 
 
+def in_own_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a thread that ends with it. A thread that runs parallel torch code keeps an
+    OpenMP team (its worker threads) for as long as it lives; with more of them than cores, libgomp stops
+    spinning between parallel regions and every team slows down: decoding ran at ~0.5x beside one idle team on
+    2 cores. So the engine computes on the batcher's thread, or in threads that end, never in its caller's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="engine") as pool:  # leaving it joins the thread
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 class Engine:
     """One policy model (and its reference) loaded once and shared by all requests."""
 
@@ -129,7 +140,7 @@ class Engine:
         self._lock = threading.Lock()  # one batch or scoring at a time: the adapter toggle is global to the model
         self._count_lock = threading.Lock()
         self._requests: set[Request] = set()
-        self.decoders = self._build_decoders(decoder)  # {use_reference: LlamaDecoder}, or None: generate
+        self.decoders = in_own_thread(self._build_decoders, decoder)  # {use_reference: LlamaDecoder} or None
         self.compiled = threading.Event()  # set once the decoders decode single rows with their compiled step
         self.compiling = None
         if compile and self.decoders:
@@ -151,9 +162,9 @@ class Engine:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = pick_dtype(dtype, device)
-        policy = load_model(model_id, dtype=torch_dtype, device=device)
+        policy = in_own_thread(load_model, model_id, dtype=torch_dtype, device=device)
         ref_model_id = ref_model_id or recorded_reference(model_id)
-        reference = load_model(ref_model_id, dtype=torch_dtype, device=device) if ref_model_id else None
+        reference = in_own_thread(load_model, ref_model_id, dtype=torch_dtype, device=device) if ref_model_id else None
         max_input = int(os.environ.get("MAX_INPUT_TOKENS", "1024"))
         logger.info("Loaded %s (%s, %s); reference: %s", model_id, torch_dtype, device, ref_model_id or "shared")
         return cls(policy, reference, beta=recorded_beta(model_id), max_input_tokens=max_input, decoder=decoder,
@@ -342,11 +353,13 @@ class Engine:
         reply_ids = self.tokenizer(
             format_response(reply, self.tokenizer) + self.tokenizer.eos_token, add_special_tokens=False
         )["input_ids"]
-        logps = []
-        for use_reference in (False, True):
-            with self._lock, self._reference_mode(use_reference) as model:
-                logps += completion_logps(model, [(prompt_ids, reply_ids)])
+        logps = [in_own_thread(self._completion_logp, use_reference, prompt_ids, reply_ids) for use_reference in
+                 (False, True)]  # fmt: skip
         return self.beta * (logps[0] - logps[1])
+
+    def _completion_logp(self, use_reference: bool, prompt_ids: list[int], reply_ids: list[int]) -> float:
+        with self._lock, self._reference_mode(use_reference) as model:
+            return completion_logps(model, [(prompt_ids, reply_ids)])[0]
 
 
 def pick_dtype(name: str, device: str):

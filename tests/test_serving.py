@@ -1,5 +1,6 @@
 """The Space's logic in-process: settings validation, prompt budget, streaming, stopping and scoring."""
 
+import os
 import threading
 import time
 
@@ -324,3 +325,33 @@ def test_a_failed_compile_leaves_the_engine_decoding_eagerly(tiny_adapter, monke
     assert not engine.compiled.is_set() and not engine.info()["compiled"]
     prepared = engine.prepare("Hello", MODE_REPLY, 12)
     assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1]
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP team to leave behind")
+def test_loading_and_scoring_leave_no_openmp_team_in_the_calling_thread(embedded_path):
+    """Each thread that runs parallel torch code keeps an OpenMP team (worker threads) while it lives; with more of
+    them than cores, libgomp stops spinning and every team slows down (decoding ran at ~0.5x here beside one idle
+    team). The engine computes in threads that end, so a caller (a web server's worker) keeps none."""
+    counts = {}
+
+    def load_and_score():
+        engine = Engine.load(embedded_path, decoder="int4")
+        engine.implicit_reward(engine.prepare("Hello", MODE_REPLY, 8).input_ids, "Hi there")
+
+    def caller():
+        before = os_threads()
+        load_and_score()
+        deadline = time.monotonic() + 5
+        while os_threads() > before and time.monotonic() < deadline:  # finished teams leave within milliseconds
+            time.sleep(0.01)
+        counts.update(before=before, after=os_threads())
+
+    for target in (load_and_score, caller):  # the first starts the process-wide threads (tqdm's, the tokenizer's)
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert counts["after"] == counts["before"], counts
