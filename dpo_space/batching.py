@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 END = object()  # a row's stream is finished
+IDLE_S = 2.0  # seconds without requests after which the batcher's thread ends
 PACK_TOKENS = 1024  # prompts that arrive together are prefilled together up to this many tokens a pass
 
 
@@ -172,12 +173,15 @@ class Batcher:
         self._waiting: list[Request] = []
         self._ready = threading.Condition()
         self.batch_sizes: list[int] = []  # for benchmarks and tests
-        threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+        self.thread: threading.Thread | None = None  # the model's thread; it ends after IDLE_S without requests
 
     def submit(self, request: Request) -> None:
         with self._ready:
             self._waiting.append(request)
             self._ready.notify()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self.thread.start()
 
     def withdraw(self, request: Request) -> None:
         """Stop a request: a waiting one leaves the queue, a running one gets EOS at the next step."""
@@ -187,10 +191,14 @@ class Batcher:
                 self._waiting.remove(request)
                 request.finished.set()
 
-    def _next_batch(self) -> list[Request]:
+    def _next_batch(self) -> list[Request] | None:
+        """The next batch, or None after ``IDLE_S`` without requests: then this thread has ended its turn (a
+        thread that ran torch keeps an OpenMP team while it lives: ``serving.in_own_thread``)."""
         while True:
             with self._ready:
-                self._ready.wait_for(lambda: self._waiting)
+                if not self._ready.wait_for(lambda: self._waiting, timeout=IDLE_S):
+                    self.thread = None  # the next submit starts another
+                    return None
             time.sleep(self.wait_s)  # let requests sent at the same moment join this batch
             with self._ready:
                 if not self._waiting:  # all withdrawn meanwhile
@@ -218,6 +226,8 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             batch = self._next_batch()
+            if batch is None:
+                return
             try:
                 self._run(batch)
             except BaseException as e:  # reported to every request of the batch

@@ -1,8 +1,8 @@
 """The Space's logic in-process: settings validation, prompt budget, streaming, stopping and scoring."""
 
-import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,31 +327,61 @@ def test_a_failed_compile_leaves_the_engine_decoding_eagerly(tiny_adapter, monke
     assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1]
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+NATIVE_THREADS = """
+import json, os, sys, threading, time
+from dpo_space.serving import MODE_REPLY, Engine
+
+def native_threads():  # OS threads that are not Python threads: OpenMP workers, the tokenizer's pool
+    python = {t.native_id for t in threading.enumerate()}
+    return len([tid for tid in os.listdir("/proc/self/task") if int(tid) not in python])
+
+def load_and_score():
+    engine = Engine.load(sys.argv[1], decoder="int4")
+    engine.implicit_reward(engine.prepare("Hello", MODE_REPLY, 8).input_ids, "Hi there")
+
+counts = {}
+def caller():
+    counts["before"] = native_threads()
+    load_and_score()
+    deadline = time.monotonic() + 5
+    while native_threads() > counts["before"] and time.monotonic() < deadline:  # ended teams leave in ms
+        time.sleep(0.01)
+    counts["after"] = native_threads()
+
+for target in (load_and_score, caller):  # the first starts the process-wide pools (the tokenizer's)
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+print(json.dumps(counts))
+"""
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP team to leave behind")
 def test_loading_and_scoring_leave_no_openmp_team_in_the_calling_thread(embedded_path):
     """Each thread that runs parallel torch code keeps an OpenMP team (worker threads) while it lives; with more of
     them than cores, libgomp stops spinning and every team slows down (decoding ran at ~0.5x here beside one idle
-    team). The engine computes in threads that end, so a caller (a web server's worker) keeps none."""
-    counts = {}
+    team). The engine computes in threads that end, so a caller (a web server's worker) keeps none. In a process
+    of its own, with no other engine's threads coming and going."""
+    import json
+    import subprocess
+    import sys
 
-    def load_and_score():
-        engine = Engine.load(embedded_path, decoder="int4")
-        engine.implicit_reward(engine.prepare("Hello", MODE_REPLY, 8).input_ids, "Hi there")
-
-    def caller():
-        before = os_threads()
-        load_and_score()
-        deadline = time.monotonic() + 5
-        while os_threads() > before and time.monotonic() < deadline:  # finished teams leave within milliseconds
-            time.sleep(0.01)
-        counts.update(before=before, after=os_threads())
-
-    for target in (load_and_score, caller):  # the first starts the process-wide threads (tqdm's, the tokenizer's)
-        thread = threading.Thread(target=target)
-        thread.start()
-        thread.join()
+    done = subprocess.run([sys.executable, "-c", NATIVE_THREADS, embedded_path], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(done.stdout.splitlines()[-1])
     assert counts["after"] == counts["before"], counts
+
+
+def test_the_batcher_thread_ends_when_idle_and_a_request_starts_another(engine, monkeypatch):
+    """Its OpenMP team goes with it, so engines that take turns in one process (benchmarks) do not slow each other."""
+    import dpo_space.batching
+
+    monkeypatch.setattr(dpo_space.batching, "IDLE_S", 0.2)
+    prepared = engine.prepare("Hello", MODE_CONTINUE, 12)
+    first = list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1]
+    thread = engine.batcher.thread
+    thread.join(timeout=30)  # a wait that began before the patch can last the old IDLE_S
+    assert not thread.is_alive() and engine.batcher.thread is None
+    assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1] == first
+    assert engine.batcher.thread is not thread
