@@ -175,7 +175,7 @@ def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
     long_prompt = [(7 * i) % 250 + 3 for i in range(MIN_CACHE - 2)]
     for decoder in (eager, compiled):
         decoder.prefill(long_prompt)
-    for step in range(4):  # positions MIN_CACHE - 2 .. MIN_CACHE + 1: the cache doubles on the way
+    for step in range(4):  # positions MIN_CACHE - 2 .. MIN_CACHE + 1: the cache grows on the way
         assert torch.allclose(compiled.decode([100 + step])[0], eager.decode([100 + step])[0], atol=1e-4)
     for decoder in (eager, compiled):  # a cache of two rows, then one in use: the graph sees its first row
         decoder.prefill(list(range(40, 60)))
