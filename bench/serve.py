@@ -141,18 +141,18 @@ def concurrent_users(users: list) -> dict:
 
 def batch_paths(loaded, engine, prompts: list[str], new_tokens: int) -> list[dict]:
     """The same prompts at once: padded ``generate``, the project's batcher, transformers' continuous batching."""
-    import torch
     from transformers import GenerationConfig
+
+    from dpo_space.serving import in_own_thread
 
     tokenizer, model = loaded.tokenizer, loaded.model
     rows = []
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        started = time.perf_counter()
-        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
-        wall = time.perf_counter() - started
+    started = time.perf_counter()  # generate runs without gradients itself (no_grad is per thread)
+    out = in_own_thread(model.generate, **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+    wall = time.perf_counter() - started
     generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
     rows.append({"path": "padded generate (not streamed)", "aggregate_tok_s": generated / wall})
 
@@ -163,9 +163,9 @@ def batch_paths(loaded, engine, prompts: list[str], new_tokens: int) -> list[dic
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
     try:
-        model.generate_batch(inputs=ids[:1], generation_config=config)  # warm-up: cache and attention set-up
+        in_own_thread(model.generate_batch, inputs=ids[:1], generation_config=config)  # warm-up: cache, attention
         started = time.perf_counter()
-        results = model.generate_batch(inputs=ids, generation_config=config)
+        results = in_own_thread(model.generate_batch, inputs=ids, generation_config=config)
         wall = time.perf_counter() - started
         generated = sum(len(r.generated_tokens) for r in results.values())
         rows.append({"path": "transformers continuous batching", "aggregate_tok_s": generated / wall})
@@ -239,7 +239,7 @@ def main() -> None:
             print(concurrency[-1], flush=True)
 
     prompts = [prompt_of(baseline.tokenizer, 40 + 3 * i) for i in range(args.batch)]
-    batched = in_own_thread(batch_paths, engine.policy, engine, prompts, args.new_tokens)  # the served weights
+    batched = batch_paths(engine.policy, engine, prompts, args.new_tokens)  # same weights and dtype as served
     for row in batched:
         print(row, flush=True)
 
