@@ -60,21 +60,13 @@ def original_path(loaded, prompt: str, new_tokens: int) -> dict:
 
 
 def project_path(engine, prompt: str, new_tokens: int) -> dict:
-    from dpo_space.serving import MODE_CONTINUE, GenerationSettings
-
-    settings = GenerationSettings.validated(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
-                                            repetition_penalty=1.0, no_repeat_ngram_size=0, seed=0)  # fmt: skip
-    prepared = engine.prepare(prompt, MODE_CONTINUE, new_tokens)
     started = time.perf_counter()
-    first, text = None, ""
-    for partial in engine.stream(prepared, settings):
-        first, text = first or time.perf_counter(), partial
+    ttft, n = engine_user(engine, prompt, new_tokens)
     end = time.perf_counter()
-    n = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
     idle = engine.batcher.thread
     if idle:  # its thread ends when idle, and its OpenMP team with it: the next path runs alone
         idle.join()
-    return {"ttft_s": first - started, "decode_tok_s": (n - 1) / max(end - first, 1e-9), "tokens": n}
+    return {"ttft_s": ttft, "decode_tok_s": (n - 1) / max(end - started - ttft, 1e-9), "tokens": n}
 
 
 def llama_cpp_path(prompt: str, new_tokens: int) -> dict | None:

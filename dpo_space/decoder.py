@@ -406,7 +406,7 @@ class LlamaDecoder:
             scratch.reset()
             scratch.prefill([0])
             scratch.decode([0])
-        self._compiled.update(compiled)
+        self._compiled.update(step=step, parts=parts)  # not the scratch cache's views (its "first_rows")
         return time.perf_counter() - started
 
     def without_adapter(self) -> LlamaDecoder:

@@ -1,4 +1,5 @@
-"""Start the real app in a subprocess on a free port, for tests that call it over HTTP."""
+"""Start the real app in a subprocess on a free port, for tests that call it over HTTP; and the direct greedy
+``generate`` that tests compare the app's and the engine's replies with."""
 
 from __future__ import annotations
 
@@ -71,3 +72,13 @@ def wait_until_compiled(url: str, timeout: float = 900) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the app at {url} did not finish compiling its decoder in {timeout:.0f} s")
         time.sleep(2)
+
+
+def direct_greedy(engine, prompt_ids: list[int], model=None, **kwargs) -> str:
+    """The greedy reply of ``model`` (the engine's policy by default) to ``prompt_ids``, from its own ``generate``."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = (model or engine.policy.model).generate(input_ids=ids, do_sample=False, **kwargs)
+    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -4,10 +4,9 @@ import asyncio
 import time
 
 import pytest
-import torch
 from gradio_client import Client
 
-from tests.server import running_app, wait_until_compiled
+from tests.server import direct_greedy, running_app, wait_until_compiled
 
 GREEDY = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
               no_repeat_ngram_size=0, seed=7)  # fmt: skip
@@ -32,14 +31,6 @@ def engine(tiny_adapter):
     return Engine.load(tiny_adapter, decoder="fp32")
 
 
-def direct_reply(engine, prompt: str) -> str:
-    """The greedy reply of the policy's own ``generate`` to ``prompt`` (GREEDY's 24 tokens)."""
-    ids = torch.tensor([engine.prepare(prompt, "Assistant reply", 24).input_ids])
-    with torch.no_grad():
-        direct = engine.policy.model.generate(input_ids=ids, max_new_tokens=24, do_sample=False)
-    return engine.tokenizer.decode(direct[0, ids.shape[1] :], skip_special_tokens=True)
-
-
 def test_binds_loopback_and_documents_stable_endpoints(app, client):
     assert "Running on local URL:  http://127.0.0.1:" in app[1].log_path.read_text()
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
@@ -48,11 +39,17 @@ def test_binds_loopback_and_documents_stable_endpoints(app, client):
     assert names == ["prompt", "mode", *GREEDY]
 
 
-def test_generate_streams_prefixes_equal_to_a_direct_generate(client, engine):
+@pytest.fixture(scope="module")
+def hello_reply(engine) -> str:
+    """The policy's own greedy ``generate`` reply to "Hello there" (GREEDY's 24 tokens)."""
+    return direct_greedy(engine, engine.prepare("Hello there", "Assistant reply", 24).input_ids, max_new_tokens=24)
+
+
+def test_generate_streams_prefixes_equal_to_a_direct_generate(client, hello_reply):
     job = client.submit("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
     chunks = list(job)
     assert len(chunks) > 2 and all(b.startswith(a) for a, b in zip(chunks, chunks[1:], strict=False))
-    assert chunks[-1] == direct_reply(engine, "Hello there")
+    assert chunks[-1] == hello_reply
 
 
 def test_sampling_with_a_seed_is_reproducible(client):
@@ -125,7 +122,7 @@ def test_stop_ends_the_server_side_generation(client):
     assert client.predict("Hi", "Assistant reply", *GREEDY.values(), api_name="/generate") is not None
 
 
-def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapter, engine):
+def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapter, hello_reply):
     """DECODER_COMPILE=1, the Space's default: requests are answered (eagerly) while the single-row step compiles,
     /info says when it is done, and the compiled step gives the same greedy reply as a direct generate."""
     with running_app(tiny_adapter, DECODER="fp32", DECODER_COMPILE="1") as (url, proc):
@@ -134,7 +131,7 @@ def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapte
         wait_until_compiled(url, timeout=600)
         compiled = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
         assert "Compiled the decoders in" in proc.log_path.read_text()
-    assert compiled == meanwhile == direct_reply(engine, "Hello there")
+    assert compiled == meanwhile == hello_reply
 
 
 def test_a_full_queue_answers_busy(tiny_adapter):

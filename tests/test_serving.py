@@ -17,6 +17,7 @@ from dpo_space.serving import (
     GenerationSettings,
     check_text,
 )
+from tests.server import direct_greedy
 
 GREEDY = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
               no_repeat_ngram_size=0, seed=0)  # fmt: skip
@@ -160,13 +161,6 @@ def test_implicit_reward_matches_a_direct_computation(engine, tiny_adapter, tiny
     expected = engine.beta * (logp(policy) - logp(base))
     assert abs(expected) > 1e-3  # the adapter moved the model: a zero would prove nothing
     assert engine.implicit_reward(prompt_ids, reply) == pytest.approx(expected, rel=1e-4, abs=1e-5)
-
-
-def direct_greedy(engine, prompt_ids: list[int], model=None, **kwargs) -> str:
-    ids = torch.tensor([prompt_ids])
-    with torch.no_grad():
-        out = (model or engine.policy.model).generate(input_ids=ids, do_sample=False, **kwargs)
-    return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def run_together(engine, jobs: list[tuple]) -> list[str]:
