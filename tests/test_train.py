@@ -198,3 +198,77 @@ def test_completion_logits_only_gives_the_same_log_probs_from_the_completion_row
         compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
     assert projected == [7, 3]  # all 7 shifted positions, then the 3 labelled ones
     assert torch.allclose(every, compact, atol=1e-5) and every[0, 4:].abs().min() > 0
+
+
+def test_pack_pairs_holds_each_shared_prefix_once():
+    from train.speed import pack_pairs
+
+    # pairs (chosen, rejected): ([1, 2, 3, 4, 5], [1, 2, 3, 6]) share 3 tokens, ([7, 8], [7, 9, 9]) share 1
+    input_ids = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 0, 0, 0], [1, 2, 3, 6, 0], [7, 9, 9, 0, 0]])
+    attention_mask = (input_ids > 0).long()
+    ids, positions, mask, index = pack_pairs(input_ids, attention_mask)
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 9, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 0, 0]]
+    assert index.tolist() == [[0, 1, 2, 3, 4], [6, 7, 6, 6, 6], [0, 1, 2, 5, 0], [6, 8, 9, 6, 6]]
+    seen = [[[j for j in range(6) if mask[p, 0, i, j]] for i in range(6)] for p in range(2)]
+    assert seen[0] == [[0], [0, 1], [0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 5]]
+    assert seen[1] == [[0], [0, 1], [0, 2], [0, 2, 3], [4], [5]]  # padding sees only itself
+    with pytest.raises(ValueError, match="even number of rows"):
+        pack_pairs(input_ids[:3], attention_mask[:3])
+    with pytest.raises(ValueError, match="right-padded"):
+        pack_pairs(input_ids, attention_mask.flip(-1))
+
+
+def tiny_gpt2(_):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def tiny_llama(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_shared_prompts_give_the_same_log_probs_and_gradients(tiny_path, build):
+    """train/speed.py: each pair's prompt runs once (packed), yet every log-prob and gradient is as before."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.speed import pair_batches, share_prompts
+
+    model = build(tiny_path).float().eval()  # no dropout: the same numbers twice
+    add_fused_lm_head(model)
+    examples = [
+        {"prompt_ids": [5, 6, 7, 8], "chosen_ids": [9, 10, 11], "rejected_ids": [12, 13]},
+        {"prompt_ids": [20, 21], "chosen_ids": [22, 23], "rejected_ids": [22, 24, 25, 26]},  # replies start alike
+    ]
+    batch = DataCollatorForPreference(pad_token_id=0)(examples)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+
+    def log_probs_and_grads():
+        model.zero_grad()
+        log_probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                          fused_lm_head=True).log_probs  # fmt: skip
+        (log_probs.sum(-1) * torch.tensor([1.0, 2.0, -1.0, 3.0])).sum().backward()
+        return log_probs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    alone, alone_grads = log_probs_and_grads()
+    share_prompts(model)
+    packed, packed_grads = log_probs_and_grads()  # outside pair_batches(): unchanged
+    assert torch.equal(alone, packed)
+    with pair_batches():
+        packed, packed_grads = log_probs_and_grads()
+    assert torch.allclose(alone, packed, atol=1e-5) and (alone != 0).sum() == 11  # the 11 reply tokens
+    assert len(alone_grads) == len(packed_grads) > 0
+    for a, b in zip(alone_grads, packed_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_training_with_shared_prompts_matches_training_without(tmp_path, tiny_path):
+    shared = run_tiny(tmp_path / "shared")
+    alone = run_tiny(tmp_path / "alone", "--share_prompts", "false")
+    assert shared["train_loss"] == pytest.approx(alone["train_loss"], abs=1e-4)

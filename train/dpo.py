@@ -49,6 +49,11 @@ class ScriptArguments:
         metadata={"help": "Project the LM head at completion positions only (TRL does so on CUDA; on CPU it scores "
                           "every position, prompt included). Same log-probs, less work (train/speed.py)."},
     )  # fmt: skip
+    share_prompts: bool = field(
+        default=True,
+        metadata={"help": "Run the prefix a pair's two sequences share (its prompt) once, not once per sequence, "
+                          "and pad neither. Same log-probs, less work (train/speed.py)."},
+    )  # fmt: skip
     lora_top_layers: int | None = field(
         default=None,
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.card import write_card
     from train.checkpoints import checkpoint_safe, resolve_resume
     from train.report import write_report
-    from train.speed import score_completions_only
+    from train.speed import score_completions_only, share_prompts, sharing_prompts
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
     name = model_args.model_name_or_path
@@ -170,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    trainer = checkpoint_safe(DPOTrainer)(
+    trainer_class = DPOTrainer
+    if script_args.share_prompts:
+        for each in (model, ref_model) if ref_model is not None else (model,):
+            share_prompts(each)
+        trainer_class = sharing_prompts(DPOTrainer)
+    trainer = checkpoint_safe(trainer_class)(
         model=model,
         ref_model=ref_model,
         args=training_args,
