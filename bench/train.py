@@ -11,11 +11,16 @@ recipe cannot win by learning less:
   with the reference log-probs computed at every step, held-out batches of 8;
 - ``lora-precomputed-ref``: the same with the reference log-probs computed once before training;
 - ``lora-eval-batch-2``: that, with held-out batches of 2 (less peak memory);
-- ``recipe``: the recipe as it is: that, with the LM head projected at completion positions only (TRL projects
+- ``lora-completion-logits-only``: that, with the LM head projected at completion positions only (TRL projects
   every position on a CPU; ``train/speed.py``); every config above projects them all, as the original did;
+- ``recipe``: the recipe as it is: that, with each pair's shared prompt run once (``--share_prompts``,
+  ``train/speed.py``); every config above runs it twice, as the original did;
 - ``recipe-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32);
 - ``recipe-top-15-layers``, ``recipe-top-8-layers``: the recipe with LoRA on the top 15 or 8 of the 30 layers
   only (``--lora_top_layers``): the backward pass stops below them.
+Held-out metrics come twice: from the trainer (under bf16 autocast, as it trains: a pair's summed log-probs move
+by up to ~0.5 nats with the batch it is in, more than these short runs teach) and from ``train.evaluate`` in
+fp32 on the same pairs (exact; the ones to compare).
 Peak RSS is the process's own (``wait4``). Prints a table, writes ``bench/results/train.json``. Compare ratios
 within one run, not absolute times across machines.
 """
@@ -37,14 +42,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
 EVAL_8 = ["--per_device_eval_batch_size", "8"]  # the recipe's held-out batches before they became 2
 ALL_POSITIONS = ["--completion_logits_only", "false"]  # TRL's own CPU path: the LM head at prompt tokens too
+TWICE = ["--share_prompts", "false"]  # TRL's own forward: a pair's prompt in the chosen and in the rejected row
 LORA = ["--config", "train/recipes/smollm2-hh-lora.yaml"]
 CONFIGS = {
     "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
-                 "--max_length", "512", *ALL_POSITIONS],
-    "lora": [*LORA, "--precompute_ref_log_probs", "false", *EVAL_8, *ALL_POSITIONS],
-    "lora-precomputed-ref": [*LORA, *EVAL_8, *ALL_POSITIONS],
-    "lora-eval-batch-2": [*LORA, *ALL_POSITIONS],
-    "recipe": LORA,  # the recipe as it is: that, scoring completion positions only
+                 "--max_length", "512", *ALL_POSITIONS, *TWICE],
+    "lora": [*LORA, "--precompute_ref_log_probs", "false", *EVAL_8, *ALL_POSITIONS, *TWICE],
+    "lora-precomputed-ref": [*LORA, *EVAL_8, *ALL_POSITIONS, *TWICE],
+    "lora-eval-batch-2": [*LORA, *ALL_POSITIONS, *TWICE],
+    "lora-completion-logits-only": [*LORA, *TWICE],
+    "recipe": LORA,  # the recipe as it is: that, running each pair's prompt once
     "recipe-bf16-weights": [*LORA, "--dtype", "bfloat16"],
     "recipe-top-15-layers": [*LORA, "--lora_top_layers", "15"],
     "recipe-top-8-layers": [*LORA, "--lora_top_layers", "8"],
@@ -66,6 +73,7 @@ def run_config(name: str, args, out: Path) -> dict:
         raise RuntimeError(f"{name} failed; see {log}:\n{log.read_text()[-2000:]}")
     train = json.loads((out / "train_results.json").read_text())
     evaluation = json.loads((out / "eval_results.json").read_text())
+    exact = fp32_evaluation(args, out)
     peak_rss_gb = usage.ru_maxrss / 2**20  # KiB on Linux
     return {
         "config": name,
@@ -76,8 +84,22 @@ def run_config(name: str, args, out: Path) -> dict:
         "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
         "eval_reward_margin": evaluation["eval_rewards/margins"],
         "eval_loss": evaluation["eval_loss"],
+        "fp32_eval_reward_accuracy": exact["rewards/accuracies"],
+        "fp32_eval_reward_margin": exact["rewards/margins"],
         "wall_s": wall,
     }
+
+
+def fp32_evaluation(args, out: Path) -> dict:
+    """``train.evaluate``'s preference metrics for the model in ``out`` on the held-out pairs its run evaluated on."""
+    command = [sys.executable, "-m", "train.evaluate", "--model", str(out), "--data", str(args.data),
+               "--eval_fraction", "0.1", "--max_samples", str(args.eval_pairs), "--max_length", "512",
+               "--num_generations", "0", "--output_dir", str(out / "fp32-eval")]  # fmt: skip
+    log = out.with_suffix(".eval.log")
+    with open(log, "w") as sink:
+        if subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"evaluating {out.name} failed; see {log}:\n{log.read_text()[-2000:]}")
+    return json.loads((out / "fp32-eval" / "eval_results.json").read_text())
 
 
 def main() -> None:
@@ -106,10 +128,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{result['machine']}; {args.pairs} training pairs, {args.eval_pairs} held out")
-    print(f"{'config':<22} {'pairs/s':>8} {'x orig':>7} {'peak RSS GB':>12} {'x orig':>7} {'held-out acc':>13}")
+    print(f"{'config':<28} {'pairs/s':>8} {'x orig':>7} {'peak RSS GB':>12} {'x orig':>7} {'held-out acc':>13} "
+          f"{'fp32 acc':>9} {'fp32 margin':>12}")  # fmt: skip
     for r in rows:
-        print(f"{r['config']:<22} {r['pairs_per_s']:>8.3f} {r['speedup']:>7.2f} {r['peak_rss_gb']:>12.2f} "
-              f"{r['rss_ratio']:>7.2f} {r['eval_reward_accuracy']:>13.3f}")  # fmt: skip
+        print(f"{r['config']:<28} {r['pairs_per_s']:>8.3f} {r['speedup']:>7.2f} {r['peak_rss_gb']:>12.2f} "
+              f"{r['rss_ratio']:>7.2f} {r['eval_reward_accuracy']:>13.3f} {r['fp32_eval_reward_accuracy']:>9.3f} "
+              f"{r['fp32_eval_reward_margin']:>12.4f}")  # fmt: skip
 
 
 if __name__ == "__main__":
