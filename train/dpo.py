@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.card import write_card
     from train.checkpoints import checkpoint_safe, resolve_resume
     from train.report import write_report
-    from train.speed import score_completions_only, share_prompts, sharing_prompts
+    from train.speed import score_completions_only, sharing_prompts
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
     name = model_args.model_name_or_path
@@ -175,11 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    trainer_class = DPOTrainer
-    if script_args.share_prompts:
-        for each in (model, ref_model) if ref_model is not None else (model,):
-            share_prompts(each)
-        trainer_class = sharing_prompts(DPOTrainer)
+    trainer_class = sharing_prompts(DPOTrainer) if script_args.share_prompts else DPOTrainer
     trainer = checkpoint_safe(trainer_class)(
         model=model,
         ref_model=ref_model,

@@ -114,10 +114,16 @@ def share_prompts(causal_lm) -> None:
 
 
 def sharing_prompts(trainer_class):
-    """A subclass of TRL's ``DPOTrainer`` (or of a subclass of it) whose log-prob passes, with the policy and with
-    the reference, take their batches as pairs (see ``share_prompts``)."""
+    """A subclass of TRL's ``DPOTrainer`` (or of a subclass of it) that shares prompts (``share_prompts``) in its
+    policy and its reference, and whose log-prob passes take their batches as pairs."""
 
     class PromptSharing(trainer_class):
+        def __init__(self, *args, model=None, ref_model=None, **kwargs):
+            for each in (model, ref_model):
+                if each is not None:  # before TRL's __init__, which may precompute the reference's log-probs
+                    share_prompts(each)
+            super().__init__(*args, model=model, ref_model=ref_model, **kwargs)
+
         def compute_loss(self, *args, **kwargs):
             with pair_batches():
                 return super().compute_loss(*args, **kwargs)
