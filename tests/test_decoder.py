@@ -168,28 +168,38 @@ def test_int4_keeps_the_lora_adapter_apart_so_the_policy_still_differs_from_its_
 
 
 def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
-    """compile(): one graph for a whole single-row step, dynamic in the cache's length (it grows past MIN_CACHE
-    here) and whatever the cache's number of rows; several rows stay eager."""
+    """compile(): one graph for a single row's whole step and one for several rows, dynamic in the cache's length
+    (it grows past MIN_CACHE here) and in the number of rows; once compiled, no step runs eagerly."""
     eager, compiled = LlamaDecoder(tiny_model, "fp32"), LlamaDecoder(tiny_model, "fp32")
     assert compiled.compile() > 0 and compiled.rows == 0
+
+    def no_eager_step(*args):
+        raise AssertionError("a compiled decoder decoded eagerly")
+
+    compiled._decode_eager = no_eager_step
     long_prompt = [(7 * i) % 250 + 3 for i in range(MIN_CACHE - 2)]
     for decoder in (eager, compiled):
         decoder.prefill(long_prompt)
     for step in range(4):  # positions MIN_CACHE - 2 .. MIN_CACHE + 1: the cache grows on the way
         assert torch.allclose(compiled.decode([100 + step])[0], eager.decode([100 + step])[0], atol=1e-4)
-    for decoder in (eager, compiled):  # a cache of two rows, then one in use: the graph sees its first row
+    for decoder in (eager, compiled):  # two rows, then three (the cache grows to four)
         decoder.prefill(list(range(40, 60)))
     assert torch.allclose(compiled.decode([5, 6]), eager.decode([5, 6]), atol=1e-4)
     for decoder in (eager, compiled):
+        decoder.prefill([9, 10, 11])
+    for step in range(2):
+        assert torch.allclose(compiled.decode([7, 8, step]), eager.decode([7, 8, step]), atol=1e-4)
+    for decoder in (eager, compiled):  # one row left in a cache of four: the graph sees its first row
         decoder.remove_row(0)
-    assert compiled.keys[0].shape[0] == 2
+        decoder.remove_row(0)
+    assert compiled.keys[0].shape[0] == 4
     for step in range(3):
         assert torch.allclose(compiled.decode([200 + step]), eager.decode([200 + step]), atol=1e-4)
 
 
 def test_int4_rows_decoded_together_agree_with_each_row_alone(embedded_model):
-    """Several rows take other paths than one (indexed cache writes, a mask, and from DENSE_ROWS["q8"] rows the
-    bf16 output layer): each row's logits still agree with decoding that row alone."""
+    """Several rows take other paths than one (indexed cache writes, a mask): each row's logits still agree with
+    decoding that row alone."""
     prompts = [list(range(300 + 7 * i, 310 + 13 * i)) for i in range(5)]
     steps = [[1000 + 10 * step + i for i in range(len(prompts))] for step in range(3)]
     together = LlamaDecoder(embedded_model, "int4", max_rows=len(prompts))
