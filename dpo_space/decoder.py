@@ -261,7 +261,6 @@ def decode_layer(x, rotations, row_index, positions, visible, width: int, keys, 
     ``rotations``: [rows, 1, head_dim / 2]; one row at a time gives ``row_index`` and ``positions`` as ints.
 
     One query per row: the heads that share a key/value head become its queries (exact GQA, no copy)."""
-    import torch
 
     input_norm, post_norm, qkv, out, gate_up, down = parts
     rows, kv_heads, head_dim = x.shape[0], keys.shape[1], keys.shape[-1]
