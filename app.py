@@ -5,7 +5,7 @@
 Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``; default: the shipped
 adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID,
 DTYPE (auto|float32|bfloat16), DECODER (auto|int4|fp32|generate), DECODER_COMPILE (default 1: compile the
-decoder's single-row step in the background, serving eagerly meanwhile; 0: never),
+decoder's step in the background, serving eagerly meanwhile; 0: never),
 QUEUE_MAX_SIZE, MAX_BATCH, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_INTERVAL, STREAM_TIMEOUT, STATE_SESSION_CAPACITY,
 GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
 """

@@ -123,15 +123,20 @@ def test_stop_ends_the_server_side_generation(client):
 
 
 def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapter, hello_reply):
-    """DECODER_COMPILE=1, the Space's default: requests are answered (eagerly) while the single-row step compiles,
-    /info says when it is done, and the compiled step gives the same greedy reply as a direct generate."""
+    """DECODER_COMPILE=1, the Space's default: requests are answered (eagerly) while the step compiles, /info says
+    when it is done, and the compiled step gives the same greedy reply as a direct generate, alone and for two
+    users at once (rows that meet decode together, in the graph for several rows)."""
     with running_app(tiny_adapter, DECODER="fp32", DECODER_COMPILE="1") as (url, proc):
         client = Client(url, verbose=False)
         meanwhile = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
         wait_until_compiled(url, timeout=600)
         compiled = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
+        together = [Client(url, verbose=False).submit("Hello there", "Assistant reply", *GREEDY.values(),
+                                                      api_name="/generate") for _ in range(2)]  # fmt: skip
+        together = [job.result(timeout=120) for job in together]
         assert "Compiled the decoders in" in proc.log_path.read_text()
     assert compiled == meanwhile == hello_reply
+    assert together == [hello_reply] * 2
 
 
 def test_a_full_queue_answers_busy(tiny_adapter):
