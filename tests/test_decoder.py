@@ -201,6 +201,13 @@ def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
         assert torch.allclose(compiled.decode([200 + step]), eager.decode([200 + step]), atol=1e-4)
 
 
+def test_a_decoder_of_one_row_compiles_its_single_row_step(tiny_model):
+    decoder = LlamaDecoder(tiny_model, "fp32", max_rows=1)
+    decoder.compile()
+    decoder.prefill([5, 17, 300])
+    assert torch.allclose(decoder.decode([42])[0], full_logits(tiny_model, [5, 17, 300, 42])[-1], atol=1e-4)
+
+
 def test_int4_rows_decoded_together_agree_with_each_row_alone(embedded_model):
     """Several rows take other paths than one (indexed cache writes, a mask): each row's logits still agree with
     decoding that row alone."""
