@@ -8,10 +8,11 @@ interleaved; medians):
 - ``project``: this project's path, ``Engine.stream`` (streamed, the Space's defaults: int4, compiled; measured
   once compiled); ``project, eager``: the same without compiling (``DECODER_COMPILE=0``);
 - ``llama.cpp`` on the same GGUF, when ``llama-cpp-python`` is installed (optional).
-Then 1/2/4/8 concurrent ``gradio_client`` users against the real app: aggregate tokens/s and p50/p95 time
-to first token (``--in-process``, or without gradio installed: threads calling the engine directly). Then
-8 prompts at once three ways: a plain padded batch through ``generate`` (non-streaming), the project's
-batcher (8 streams), and transformers' continuous batching (``generate_batch``, after a warm-up call).
+Then 1/2/4/8 concurrent ``gradio_client`` users against the real app: aggregate tokens/s (over the whole run,
+and decode only) and p50/p95 time to first token (``--in-process``, or without gradio installed: threads
+calling the engine directly). Then 8 prompts at once three ways: a plain padded batch through ``generate``
+(non-streaming), the project's batcher (8 streams), and transformers' continuous batching (``generate_batch``,
+after a warm-up call).
 Prints tables and writes ``bench/results/serve.json``. Figures are only comparable within one run: read
 the ratios, not the absolute times.
 """

@@ -458,8 +458,10 @@ class LlamaDecoder:
         """Shrink the cache's length to what its rows need (in ``MIN_CACHE`` steps) once a long row has left: the
         compiled step attends over all of it, and after one 1,024-token request 8 streams ran 344 tok/s instead
         of 567."""
+        import math
+
         if self.keys:
-            need = MIN_CACHE * max(1, -(-(max(self.lengths, default=0) + 1) // MIN_CACHE))
+            need = MIN_CACHE * max(1, math.ceil((max(self.lengths, default=0) + 1) / MIN_CACHE))
             if need < self.keys[0].shape[2]:
                 self._resize(self.keys[0].shape[0], need)
 

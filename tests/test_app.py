@@ -131,9 +131,9 @@ def test_the_decoder_compiles_in_the_background_while_the_app_serves(tiny_adapte
         meanwhile = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
         wait_until_compiled(url, timeout=600)
         compiled = client.predict("Hello there", "Assistant reply", *GREEDY.values(), api_name="/generate")
-        together = [Client(url, verbose=False).submit("Hello there", "Assistant reply", *GREEDY.values(),
-                                                      api_name="/generate") for _ in range(2)]  # fmt: skip
-        together = [job.result(timeout=120) for job in together]
+        jobs = [Client(url, verbose=False).submit("Hello there", "Assistant reply", *GREEDY.values(),
+                                                  api_name="/generate") for _ in range(2)]  # fmt: skip
+        together = [job.result(timeout=120) for job in jobs]
         assert "Compiled the decoders in" in proc.log_path.read_text()
     assert compiled == meanwhile == hello_reply
     assert together == [hello_reply] * 2
