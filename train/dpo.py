@@ -203,18 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         write_report([Path(training_args.output_dir)], Path(training_args.output_dir) / "report", title=name)
         write_card(training_args.output_dir)
         logger.info("Saved to %s", training_args.output_dir)
-    leave_process_group()
-
-
-def leave_process_group() -> None:
-    """In a distributed run, wait for rank 0's files, then leave the process group. A rank that exits with the
-    group still open can abort in gloo's teardown ("terminate called without an active exception", exit -6)
-    while rank 0 is still writing, and the launcher then fails the whole run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    # Every rank waits for rank 0's files, then leaves the process group: a rank that exits with it still open
+    # can abort in gloo's teardown ("terminate called without an active exception") and fail the whole launch.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
