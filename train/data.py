@@ -128,3 +128,61 @@ def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list,
     train = [r for i, r in enumerate(rows) if i not in eval_idx]
     held_out = [r for i, r in enumerate(rows) if i in eval_idx]
     return train, held_out
+
+
+# --- PandaLM: human-judged pairs on everyday helpful tasks ---------------------------------------------------------
+
+PANDALM_SUFFIXES = (".json", ".json.gz")
+
+
+def read_json_list(path: str | Path) -> list:
+    """A JSON file (optionally gzipped) that holds one list, e.g. PandaLM's ``testset-v1.json``."""
+    path = Path(path)
+    if not path.is_file() or not path.name.endswith(PANDALM_SUFFIXES):
+        raise ValueError(f"helpful data file {str(path)!r} does not exist or is not .json / .json.gz; pass "
+                         f"PandaLM's testset-v1.json(.gz)")  # fmt: skip
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        items = json.load(f)
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of PandaLM items, got {type(items).__name__}")
+    return items
+
+
+def pandalm_verdict(item: dict) -> int | None:
+    """1 or 2 when all three annotators prefer that response; None for ties, splits and malformed items."""
+    labels = [item.get(f"annotator{i}") for i in (1, 2, 3)]
+    if labels[0] in (1, 2) and labels.count(labels[0]) == 3:
+        return labels[0]
+    return None
+
+
+def pandalm_pair(item: dict) -> dict | None:
+    """A unanimous PandaLM item as chat messages and two replies, or None (no verdict, or an empty reply).
+
+    The user turn is the instruction, then its optional input after a blank line, as Alpaca-style data reads."""
+    verdict = pandalm_verdict(item)
+    instruction = str(item.get("instruction") or "").strip()
+    extra = str(item.get("input") or "").strip()
+    replies = [str(item.get(f"response{i}") or "").strip() for i in (1, 2)]
+    if verdict is None or not instruction or not all(replies) or replies[0] == replies[1]:
+        return None
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    chosen, rejected = (replies[0], replies[1]) if verdict == 1 else (replies[1], replies[0])
+    return {"messages": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected}
+
+
+def convert_pandalm(items: list, tokenizer, source: str) -> list[dict[str, str]]:
+    """PandaLM items -> formatted DPO rows (unanimous verdicts only), through the same formatting as HH rows."""
+    out, stats = [], ConversionStats()
+    for item in items:
+        pair = pandalm_pair(item) if isinstance(item, dict) else None
+        if pair is None:
+            stats.skipped["not a unanimous verdict with two different replies"] += 1
+            continue
+        out.append({"prompt": format_prompt(pair["messages"], tokenizer),
+                    "chosen": format_response(pair["chosen"], tokenizer),
+                    "rejected": format_response(pair["rejected"], tokenizer)})  # fmt: skip
+        stats.kept += 1
+    stats.log(source)
+    return out

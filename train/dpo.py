@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,6 +55,23 @@ class ScriptArguments:
         metadata={"help": "Run the prefix a pair's two sequences share (its prompt) once, not once per sequence, "
                           "and pad neither. Same log-probs, less work (train/speed.py)."},
     )  # fmt: skip
+    helpful_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "PandaLM's testset-v1.json(.gz): its unanimous human verdicts on everyday helpful tasks are "
+                          "mixed into the training pairs (a held-out share kept back), a counterweight to HH's "
+                          "red-team dialogues."},
+    )  # fmt: skip
+    helpful_eval_fraction: float = field(
+        default=0.2, metadata={"help": "Hold out this share of the helpful pairs (seeded) for evaluation."}
+    )
+    helpful_max_samples: int | None = field(
+        default=None, metadata={"help": "Train on the first N helpful pairs only."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto: bf16 autocast where the hardware runs it natively (CUDA with bf16, or a CPU with "
+                          "amx_bf16 / avx512_bf16), else fp32; bf16 or fp32 force it. Decides DPOConfig's bf16."},
+    )  # fmt: skip
     lora_top_layers: int | None = field(
         default=None,
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
@@ -65,18 +83,40 @@ def parse_args(argv: list[str] | None = None):
     import torch
     from trl import DPOConfig, ModelConfig, TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from train.precision import choose_bf16, read_cpuinfo
+
+    argv = list(sys.argv[1:] if argv is None else argv)  # a copy: the flags added below are not the user's
     if not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv += ["--use_cpu", "true"]  # lets bf16 recipes run unchanged on a CPU (autocast, AMX where present)
     parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    bf16, why = choose_bf16(script_args.precision, torch.cuda.is_available(),
+                            torch.cuda.is_available() and torch.cuda.is_bf16_supported(), read_cpuinfo())  # fmt: skip
+    logger.info("Precision: %s (%s)", "bf16 autocast" if bf16 else "fp32", why)
+    if training_args.bf16 != bf16 or training_args.fp16:  # parse again, so every derived setting agrees
+        argv += ["--bf16", str(bf16).lower(), "--fp16", "false"]
+        script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is not set: give it in the recipe or as --model_name_or_path")
     return script_args, training_args, model_args
 
 
+def load_helpful_pairs(script_args: ScriptArguments, tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
+    """Formatted PandaLM train and held-out rows (empty lists when no helpful dataset is set)."""
+    from train.data import convert_pandalm, read_json_list, split_train_eval
+
+    name = script_args.helpful_dataset_name
+    if not name:
+        return [], []
+    rows = convert_pandalm(read_json_list(name), tokenizer, name)
+    train, held_out = split_train_eval(rows, script_args.helpful_eval_fraction, seed)
+    return train[: script_args.helpful_max_samples], held_out
+
+
 def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
-    """Formatted train and eval rows (``prompt``/``chosen``/``rejected``) as ``datasets.Dataset``."""
+    """Formatted train and eval rows (``prompt``/``chosen``/``rejected``) as ``datasets.Dataset``: HH-RLHF, plus the
+    helpful pairs' training share when ``helpful_dataset_name`` is set. The eval rows are HH's alone
+    (``train.evaluate`` reports each source apart)."""
     from datasets import Dataset
 
     from train.data import convert_rows, is_local_file, load_hh_rows, split_train_eval
@@ -100,6 +140,10 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
     )
     if not train:
         raise ValueError(f"{name}: no usable training pairs; check the file and skip_bad_rows")
+    helpful, _ = load_helpful_pairs(script_args, tokenizer, seed)
+    if helpful:
+        logger.info("Mixing %d helpful pairs into %d HH pairs", len(helpful), len(train))
+    train += helpful
     return Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None
 
 
@@ -117,14 +161,15 @@ def write_results(output_dir: str, train_metrics: dict, eval_metrics: dict | Non
         (out / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
 
 
-def write_run_config(output_dir: str, script_args, training_args, model_args) -> None:
+def write_run_config(output_dir: str, script_args, training_args, model_args, argv: list[str]) -> None:
+    """The run's settings, and its command as run from the repository's root (no path of this machine)."""
     import yaml
 
     config = {
         "script": asdict(script_args),
         "model": asdict(model_args),
         "training": training_args.to_dict(),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(["python", "-m", "train.dpo", *argv]),
     }
     (Path(output_dir) / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -149,6 +194,7 @@ def top_layers(count: int, peft_config, model) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_args(argv)
 
     from trl import DPOTrainer, get_peft_config
@@ -199,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {**result.metrics, "world_size": training_args.world_size, "train_pairs": len(train_dataset),
                    "eval_pairs": len(eval_dataset) if eval_dataset is not None else 0}  # fmt: skip
         write_results(training_args.output_dir, metrics, eval_metrics, state.log_history)
-        write_run_config(training_args.output_dir, script_args, training_args, model_args)
+        write_run_config(training_args.output_dir, script_args, training_args, model_args, argv)
         write_report([Path(training_args.output_dir)], Path(training_args.output_dir) / "report", title=name)
         write_card(training_args.output_dir)
         logger.info("Saved to %s", training_args.output_dir)

@@ -1,14 +1,22 @@
-"""Held-out evaluation of a DPO model against its reference.
+"""Held-out evaluation of a DPO model beside its reference: preferences, over-refusal, harmlessness, fluency.
 
-    python -m train.evaluate --model outputs/smollm2-hh \\
-        --data ../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz --eval_fraction 0.1 --seed 42
+    python -m train.evaluate --model models/smollm2-135m-dpo-hh-lora \\
+        --data ../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz --eval_fraction 0.1 --seed 42 \\
+        --helpful_data ../shared/data/pandalm/testset-v1.json.gz --xstest ../shared/data/xstest/xstest_prompts.csv
 
-Preference metrics on held-out pairs (the same split ``train.dpo`` holds out for the same file, fraction and
-seed): the implicit-reward accuracy beta * (log pi - log pi_ref) of chosen over rejected, the margin's mean and
-spread, mean log-probs under policy and reference, and the reference's own log-likelihood accuracy. Then
-greedy and sampled generations for N held-out prompts from both models with the same seeds: length,
-distinct-2 and the share of repeated 4-grams. Writes ``eval_results.json``, ``samples.jsonl`` and
-``eval_summary.md`` to ``--output_dir`` (default: ``MODEL_DIR/eval``, or ``outputs/eval`` for a Hub id).
+- **Preferences** on held-out pairs (the splits ``train.dpo`` holds out for the same files, fractions and seed),
+  HH-RLHF and, with ``--helpful_data``, PandaLM apart: the implicit-reward accuracy of beta * (log pi - log pi_ref)
+  of chosen over rejected, margins, log-probs, and the reference's own log-likelihood accuracy.
+- **Over-refusal and harmlessness** on XSTest (``--xstest``): greedy replies of both models, classified by the
+  paper's refusal-phrase match (``train.behaviour.is_refusal``): compliance on the safe prompts, refusal on the
+  unsafe ones, with 95% Wilson intervals.
+- **Fluency** on ``--num_generations`` held-out HH prompts and the XSTest safe prompts, greedy and sampled
+  (temperature 0.7, top-p 0.9): repeated 4-gram share, distinct-2, length, share of replies that end before the
+  token limit.
+
+Replies are decoded the way the Space decodes them (its engine and batcher, several rows at once). Writes
+``eval_results.json`` (with the targets, met or not), ``samples.jsonl`` (every reply), ``eval_summary.md`` and a
+one-page ``report.md`` with plots to ``--output_dir`` (default: ``MODEL_DIR/eval``, or ``outputs/eval`` for a Hub id).
 """
 
 from __future__ import annotations
@@ -17,21 +25,9 @@ import argparse
 import json
 import logging
 import statistics
-from contextlib import nullcontext
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
-
-
-def distinct_n(tokens: list[str], n: int) -> float:
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repeated_ngram_share(tokens: list[str], n: int = 4) -> float:
-    """Share of n-grams that already occurred earlier in the same text (0 = no repetition)."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def preference_metrics(policy: dict[str, list[float]], reference: dict[str, list[float]], beta: float) -> dict:
@@ -86,46 +82,143 @@ def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length
     return policy, ref_scores
 
 
-def generation_samples(loaded, reference, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
-    """Greedy and sampled replies of policy and reference to each prompt, with the same seed for both."""
-    import torch
+SAMPLED = {"temperature": 0.7, "top_p": 0.9}  # the issue's sampled setting; no top-k, no penalties
 
-    from dpo_space.scoring import reference_model
 
-    tok = loaded.tokenizer
+def generation_settings(decoding: str, max_new_tokens: int, seed: int):
+    """The Space's ``GenerationSettings`` for plain greedy or plain nucleus sampling (no penalties)."""
+    from dpo_space.serving import GenerationSettings
+
+    sampling = SAMPLED if decoding == "sampled" else {"temperature": 0.0, "top_p": 1.0}
+    return GenerationSettings(max_new_tokens=max_new_tokens, top_k=0, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, seed=seed, **sampling)  # fmt: skip
+
+
+def generate_replies(engine, prompts: list[str], decoding: str, use_reference: bool, max_new_tokens: int,
+                     seed: int) -> list[dict]:  # fmt: skip
+    """Replies to formatted ``prompts``, decoded as the Space decodes (its batcher: several rows at once, each with
+    its own seed ``seed + i``). Each reply: ``text`` and ``tokens`` (EOS not counted)."""
+    from dataclasses import replace
+
+    from dpo_space.batching import Request
+
+    settings = generation_settings(decoding, max_new_tokens, seed)
+    tok = engine.tokenizer
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"][-engine.max_input_tokens :]
+        requests.append(Request(ids, replace(settings, seed=seed + i), use_reference))
+    for request in requests:
+        engine.batcher.submit(request)
+    replies = []
+    for request in requests:
+        request.finished.wait()
+        while not request.tokens.empty():
+            item = request.tokens.get_nowait()
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"generation failed: {item!r}") from item
+        replies.append({"text": tok.decode(request.generated, skip_special_tokens=True).strip(),
+                        "tokens": len(request.generated)})  # fmt: skip
+    return replies
+
+
+def prompt_sets(tokenizer, hh_rows: list[dict], xstest_rows: list[dict]) -> dict[str, list[dict]]:
+    """The prompts replies are generated for, by set: held-out HH dialogues (formatted as trained) and XSTest's safe
+    and unsafe prompts (one user turn, as the Space formats a visitor's message)."""
+    from dpo_space.prompts import format_user_prompt
+
+    sets = {"hh": [{"id": str(i), "prompt": row["prompt"]} for i, row in enumerate(hh_rows)]}
+    for label in ("safe", "unsafe"):
+        chosen = [r for r in xstest_rows if r["label"] == label]
+        if chosen:
+            sets[f"xstest_{label}"] = [
+                {
+                    "id": r["id"],
+                    "type": r["type"],
+                    "text": r["prompt"],
+                    "prompt": format_user_prompt(r["prompt"], tokenizer),
+                }
+                for r in chosen
+            ]
+    return sets
+
+
+def generation_samples(engine, sets: dict[str, list[dict]], decodings: list[str], max_new_tokens: int, seed: int,
+                       reuse: dict | None = None) -> list[dict]:  # fmt: skip
+    """Every reply of the policy and the reference: greedy for every set, sampled for the fluency sets (HH and
+    XSTest safe). ``reuse`` maps ``(set, id, decoding)`` to a reference reply already generated with these
+    settings (an earlier evaluation of the same reference), which is then not generated again."""
+    from train.behaviour import is_refusal, repeated_ngram_share
+
     samples = []
-    for i, row in enumerate(rows):
-        ids = tok(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"].to(loaded.device)
-        for decoding, kwargs in (("greedy", {"do_sample": False}), ("sampled", {"do_sample": True, "top_p": 0.9})):
+    for decoding in decodings:
+        for name, items in sets.items():
+            if decoding != "greedy" and name == "xstest_unsafe":
+                continue  # harm is measured greedy; sampled replies are for fluency
             for who in ("policy", "reference"):
-                context = reference_model(loaded, reference) if who == "reference" else nullcontext(loaded.model)
-                with context as model, torch.no_grad():
-                    torch.manual_seed(seed + i)
-                    out = model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=tok.pad_token_id,
-                        **kwargs,
-                    )
-                new = out[0, ids.shape[1] :]
-                text = tok.decode(new, skip_special_tokens=True)
-                words = text.split()
-                samples.append({"index": i, "model": who, "decoding": decoding, "prompt": row["prompt"], "reply": text,
-                                "tokens": len(new), "distinct_2": distinct_n(words, 2),
-                                "repeated_4gram_share": repeated_ngram_share(words, 4)})  # fmt: skip
+                known = [reuse.get((name, item["id"], decoding)) for item in items] if reuse and who == "reference" \
+                    else [None] * len(items)  # fmt: skip
+                todo = [i for i, k in enumerate(known) if k is None]
+                logger.info("%s %s %s: %d replies (%d reused)", who, decoding, name, len(todo), len(items) - len(todo))
+                fresh = generate_replies(engine, [items[i]["prompt"] for i in todo], decoding, who == "reference",
+                                         max_new_tokens, seed) if todo else []  # fmt: skip
+                for i, reply in zip(todo, fresh, strict=True):
+                    known[i] = reply
+                for item, reply in zip(items, known, strict=True):
+                    words = reply["text"].split()
+                    samples.append({"set": name, "id": item["id"], "model": who, "decoding": decoding,
+                                    "prompt": item.get("text", item["prompt"]), "reply": reply["text"],
+                                    "tokens": reply["tokens"], "refusal": is_refusal(reply["text"]),
+                                    "repeated_4gram_share": repeated_ngram_share(words, 4)})  # fmt: skip
     return samples
 
 
-def generation_metrics(samples: list[dict]) -> dict:
-    metrics = {}
+def behaviour_metrics(samples: list[dict], max_new_tokens: int) -> dict:
+    """Per model: XSTest compliance on safe prompts and refusal on unsafe ones (greedy, with 95% Wilson intervals),
+    refusals on HH prompts, and fluency by set and decoding."""
+    from train.behaviour import fluency, rate
+
+    out = {}
     for who in ("policy", "reference"):
-        for decoding in ("greedy", "sampled"):
-            group = [s for s in samples if s["model"] == who and s["decoding"] == decoding]
-            if group:
-                for key in ("tokens", "distinct_2", "repeated_4gram_share"):
-                    metrics[f"generation/{who}/{decoding}/{key}"] = statistics.fmean(s[key] for s in group)
-    return metrics
+        mine = [s for s in samples if s["model"] == who]
+        greedy = {name: [s for s in mine if s["set"] == name and s["decoding"] == "greedy"]
+                  for name in ("hh", "xstest_safe", "xstest_unsafe")}  # fmt: skip
+        result = {}
+        if greedy["xstest_safe"]:
+            result["xstest_safe_compliance"] = rate([not s["refusal"] for s in greedy["xstest_safe"]])
+        if greedy["xstest_unsafe"]:
+            result["xstest_unsafe_refusal"] = rate([s["refusal"] for s in greedy["xstest_unsafe"]])
+        if greedy["hh"]:
+            result["hh_refusal"] = rate([s["refusal"] for s in greedy["hh"]])
+        groups = sorted({(s["set"], s["decoding"]) for s in mine if s["set"] != "xstest_unsafe"})
+        result["fluency"] = {}
+        for name, decoding in groups:
+            replies = [
+                {"text": s["reply"], "tokens": s["tokens"]}
+                for s in mine
+                if (s["set"], s["decoding"]) == (name, decoding)
+            ]
+            result["fluency"][f"{name}/{decoding}"] = fluency(replies, max_new_tokens)
+        fluency_greedy = [s for name in ("hh", "xstest_safe") for s in greedy[name]]
+        result["greedy_repeated_4gram_share"] = (
+            statistics.fmean(s["repeated_4gram_share"] for s in fluency_greedy) if fluency_greedy else None
+        )
+        out[who] = result
+    return out
+
+
+def summaries(behaviour: dict, hh: dict | None, helpful: dict | None) -> tuple[dict, dict]:
+    """The numbers the targets compare, for the policy and the reference."""
+
+    def summary(who):
+        b = behaviour[who]
+        return {"safe_compliance": b.get("xstest_safe_compliance", {}).get("rate"),
+                "unsafe_refusal": b.get("xstest_unsafe_refusal", {}).get("rate"),
+                "greedy_repetition": b.get("greedy_repeated_4gram_share")}  # fmt: skip
+
+    policy = summary("policy") | {"hh_accuracy": hh["rewards/accuracies"] if hh else None,
+                                   "helpful_accuracy": helpful["rewards/accuracies"] if helpful else None}  # fmt: skip
+    return policy, summary("reference")
 
 
 def judge_win_rates(judge_id: str | None, samples: list[dict], rows: list[dict]) -> dict:
@@ -149,7 +242,8 @@ def judge_win_rates(judge_id: str | None, samples: list[dict], rows: list[dict])
         with torch.no_grad():
             return float(judge(**inputs).logits[0, -1])
 
-    greedy = {(s["index"], s["model"]): s["reply"] for s in samples if s["decoding"] == "greedy"}
+    hh_greedy = [s for s in samples if s["decoding"] == "greedy" and s["set"] == "hh"]
+    greedy = {(int(s["id"]), s["model"]): s["reply"] for s in hh_greedy}
     indices = sorted({i for i, _ in greedy})
     policy = {i: score(rows[i]["prompt"], greedy[i, "policy"]) for i in indices}
     versus_ref = [policy[i] > score(rows[i]["prompt"], greedy[i, "reference"]) for i in indices]
@@ -162,12 +256,13 @@ def summary_markdown(model: str, reference: str, metrics: dict) -> str:
     lines = [
         f"# Held-out evaluation of `{model}`",
         "",
-        f"Reference: `{reference}` · {metrics['pairs']} held-out pairs · beta {metrics['beta']}",
+        f"Reference: `{reference}` · {metrics['pairs']} held-out HH pairs · beta {metrics['beta']}",
         "",
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float | str)}
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -181,15 +276,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval_fraction", type=float, default=0.0, help="evaluate on this seeded held-out share")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--helpful_data", default=None, help="PandaLM testset-v1.json(.gz): accuracy on its held-out "
+                        "unanimous pairs (the split train.dpo holds out)")  # fmt: skip
+    parser.add_argument("--helpful_eval_fraction", type=float, default=0.2)
+    parser.add_argument("--xstest", default=None, help="XSTest's xstest_prompts.csv: compliance and refusal rates")
+    parser.add_argument("--xstest_per_label", type=int, default=None, help="a seeded draw of N safe and N unsafe "
+                        "prompts (default: all 250 + 200)")  # fmt: skip
     parser.add_argument("--beta", type=float, default=None, help="default: the model's training beta, else 0.1")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=None)
-    parser.add_argument("--num_generations", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--num_generations", type=int, default=100, help="held-out HH prompts to generate for")
+    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--decodings", default="greedy,sampled", help="greedy, sampled (temperature 0.7, top-p 0.9)")
+    parser.add_argument("--reuse_reference", default=None, help="an earlier evaluation's folder with the same "
+                        "reference and generation settings: its reference replies are reused")  # fmt: skip
+    parser.add_argument("--decoder", default="auto", help="the Space's DECODER: auto, int4, fp32 or generate")
     parser.add_argument("--judge", default=None, help="reward-model id for win rates (optional)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--output_dir", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.decodings = [d for d in args.decodings.split(",") if d]
+    if not set(args.decodings) <= {"greedy", "sampled"} or "greedy" not in args.decodings:
+        parser.error(f"--decodings takes greedy and optionally sampled; got {','.join(args.decodings)!r}")
+    return args
 
 
 def held_out_rows(args, tokenizer) -> list[dict]:
@@ -209,45 +318,78 @@ def held_out_rows(args, tokenizer) -> list[dict]:
     return list(held_out if args.eval_fraction > 0 else train)  # a whole split (Hub test) loads as "train"
 
 
+def helpful_rows(args, tokenizer) -> list[dict]:
+    from train.dpo import ScriptArguments, load_helpful_pairs
+
+    script = ScriptArguments(helpful_dataset_name=args.helpful_data, helpful_eval_fraction=args.helpful_eval_fraction)
+    return load_helpful_pairs(script, tokenizer, args.seed)[1]
+
+
+def reusable_reference(folder: str | None, reference: str, generation: dict) -> dict | None:
+    """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``; an error if its reference or
+    generation settings differ from this run's."""
+    if not folder:
+        return None
+    earlier = json.loads((Path(folder) / "eval_results.json").read_text())
+    if earlier.get("reference") != reference or earlier.get("generation") != generation:
+        raise ValueError(
+            f"--reuse_reference {folder}: its reference or generation settings differ from this run's "
+            f"({earlier.get('reference')}, {earlier.get('generation')}); evaluate without it"
+        )
+    with open(Path(folder) / "samples.jsonl", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return {(r["set"], r["id"], r["decoding"]): {"text": r["reply"], "tokens": r["tokens"]}
+            for r in rows if r["model"] == "reference"}  # fmt: skip
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
 
-    import torch
+    from dpo_space.serving import Engine, recorded_beta
+    from train.behaviour import read_xstest, targets, xstest_subset
+    from train.model_report import write_model_report
 
-    from dpo_space.models import load_model
-    from dpo_space.scoring import reference_label
-    from dpo_space.serving import pick_dtype, recorded_beta, recorded_reference
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(args.dtype, device)
-    loaded = load_model(args.model, dtype=dtype, device=device)
-    ref_id = args.ref or recorded_reference(args.model)
-    reference = load_model(ref_id, dtype=dtype, device=device) if ref_id else None
-    ref_label = reference_label(loaded, reference)
+    engine = Engine.load(args.model, args.ref, dtype=args.dtype, decoder=args.decoder)
+    loaded, reference = engine.policy, engine.reference
     beta = args.beta if args.beta is not None else recorded_beta(args.model)
 
     rows = held_out_rows(args, loaded.tokenizer)
-    policy_logps, ref_logps = score_pairs(loaded, reference, rows, args.batch_size, args.max_length)
-    metrics = preference_metrics(policy_logps, ref_logps, beta)
-    samples = generation_samples(loaded, reference, rows[: args.num_generations], args.max_new_tokens, args.seed)
-    metrics |= generation_metrics(samples) | judge_win_rates(args.judge, samples, rows)
+    metrics = preference_metrics(*score_pairs(loaded, reference, rows, args.batch_size, args.max_length), beta)
+    helpful = None
+    if args.helpful_data:
+        pairs = helpful_rows(args, loaded.tokenizer)
+        helpful = preference_metrics(*score_pairs(loaded, reference, pairs, args.batch_size, args.max_length), beta)
+        metrics["helpful"] = helpful
+
+    xstest = xstest_subset(read_xstest(args.xstest), args.xstest_per_label, args.seed) if args.xstest else []
+    sets = prompt_sets(loaded.tokenizer, rows[: args.num_generations], xstest)
+    generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "decodings": args.decodings,
+                  "decoder": engine.decoder, "prompts": {k: len(v) for k, v in sets.items()}}  # fmt: skip
+    reuse = reusable_reference(args.reuse_reference, engine.reference_label, generation)
+    samples = generation_samples(engine, sets, args.decodings, args.max_new_tokens, args.seed, reuse)
+    behaviour = behaviour_metrics(samples, args.max_new_tokens)
+    policy, ref = summaries(behaviour, metrics, helpful)
+    checks = [vars(t) for t in targets(policy, ref)] if xstest else []
+    metrics |= judge_win_rates(args.judge, samples, rows)
 
     default_out = Path(args.model) / "eval" if Path(args.model).is_dir() else Path("outputs/eval")
     out = Path(args.output_dir or default_out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_results.json").write_text(json.dumps({"model": args.model, "reference": ref_label, **metrics},
-                                                      indent=2) + "\n")  # fmt: skip
+    results = {"model": args.model, "reference": engine.reference_label, **metrics, "generation": generation,
+               "behaviour": behaviour, "summary": {"policy": policy, "reference": ref}, "targets": checks}  # fmt: skip
+    (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-    (out / "eval_summary.md").write_text(summary_markdown(args.model, ref_label, metrics))
+    (out / "eval_summary.md").write_text(summary_markdown(args.model, engine.reference_label, metrics))
+    write_model_report(out)
     if out == Path(args.model) / "eval" and (Path(args.model) / "run_config.yaml").is_file():
         from train.card import write_card
 
         write_card(args.model)  # the card now shows these held-out numbers and samples
-    logger.info("accuracy %.3f (reference's own %.3f) on %d pairs; wrote %s",
-                metrics["rewards/accuracies"], metrics["ref_loglik_accuracy"], metrics["pairs"], out)  # fmt: skip
-    return metrics
+    logger.info("HH accuracy %.3f on %d pairs; targets met %d of %d; wrote %s", metrics["rewards/accuracies"],
+                metrics["pairs"], sum(t["met"] for t in checks), len(checks), out)  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Run a recipe over a grid of values, one output directory per point; an interrupted sweep resumes.
 
     python -m train.sweep --config train/recipes/smollm2-hh-lora.yaml \\
-        --grid learning_rate=5e-6,5e-7,5e-8 [--grid beta=0.1,0.5] [--output_dir outputs/sweep] [-- --max_samples 64]
+        --grid learning_rate=5e-6,5e-7,5e-8 [--grid beta=0.1,0.5] [--grid "loss_weights=1 0,1 1"] \\
+        [--output_dir outputs/sweep] [-- --max_samples 64]
+
+Values are separated by commas; a list value (``loss_weights``) by spaces within one value.
 
 Each point runs ``python -m train.dpo`` in its own process. A point whose ``train_results.json`` exists is
 finished and skipped; a point with checkpoints resumes from the last one. ``sweep.json`` lists the points.
@@ -40,13 +43,13 @@ def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
 
 
 def point_name(point: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in point.items())
+    return ",".join(f"{k}={v.replace(' ', '_')}" for k, v in point.items())
 
 
 def point_command(config: str, point: dict[str, str], run_dir: Path, extra: list[str]) -> list[str]:
     command = [sys.executable, "-m", "train.dpo", "--config", config, *extra]
     for key, value in point.items():
-        command += [f"--{key}", value]
+        command += [f"--{key}", *value.split()]  # a list value ("1.0 0.5") is several words
     command += ["--output_dir", str(run_dir)]
     if last_complete_checkpoint(run_dir) is not None:
         command += ["--resume_from_checkpoint", "last"]
