@@ -102,3 +102,56 @@ def test_real_file_skips_exactly_its_known_bad_rows(real_hh):
         "empty chosen reply after the last assistant turn": 4,
         "'rejected' does not share the dialogue of 'chosen' up to its last assistant turn": 4,
     }
+
+
+FIXTURE_PANDALM = FIXTURE_HH.parent / "pandalm_tiny.json"
+
+
+def test_pandalm_keeps_unanimous_verdicts_in_chat_form():
+    from train.data import pandalm_pair, pandalm_verdict
+
+    item = {"instruction": "Add the numbers.", "input": "2 and 3", "response1": "23", "response2": " 5 ",
+            "annotator1": 2, "annotator2": 2, "annotator3": 2}  # fmt: skip
+    assert pandalm_verdict(item) == 2
+    assert pandalm_pair(item) == {
+        "messages": [{"role": "user", "content": "Add the numbers.\n\n2 and 3"}],
+        "chosen": "5",
+        "rejected": "23",
+    }
+    assert pandalm_verdict(item | {"annotator3": 1}) is None  # split
+    assert pandalm_verdict(item | {"annotator1": 0, "annotator2": 0, "annotator3": 0}) is None  # a tie
+    assert pandalm_pair(item | {"response1": ""}) is None  # nothing to prefer against
+
+
+def test_convert_pandalm_formats_like_hh_and_counts_what_it_drops(embedded_tokenizer):
+    from train.data import convert_pandalm, read_json_list
+
+    rows = convert_pandalm(read_json_list(FIXTURE_PANDALM), embedded_tokenizer, "fixture")
+    assert len(rows) == 6  # 8 items: one split verdict, one empty reply
+    assert rows[0]["prompt"].endswith("<|im_start|>user\nName a colour of the sky.<|im_end|>\n<|im_start|>assistant\n")
+    assert (rows[0]["chosen"], rows[0]["rejected"]) == ("Blue.", "Sky.")
+    assert (rows[1]["chosen"], rows[1]["rejected"]) == ("5", "23")
+
+
+def test_a_helpful_file_that_is_not_pandalm_is_named(tmp_path):
+    from train.data import read_json_list
+
+    with pytest.raises(ValueError, match="does not exist or is not .json"):
+        read_json_list(tmp_path / "missing.json")
+    path = tmp_path / "d.json"
+    path.write_text('{"instruction": "x"}')
+    with pytest.raises(ValueError, match="expected a JSON list of PandaLM items, got dict"):
+        read_json_list(path)
+
+
+def test_helpful_pairs_join_the_training_pairs_and_keep_their_own_held_out_share(embedded_tokenizer):
+    from train.dpo import ScriptArguments, load_helpful_pairs, load_pairs
+
+    script = ScriptArguments(dataset_name=str(FIXTURE_HH), eval_fraction=0.25, helpful_dataset_name=str(FIXTURE_PANDALM),
+                             helpful_eval_fraction=0.5)  # fmt: skip
+    train_help, held_help = load_helpful_pairs(script, embedded_tokenizer, 42)
+    assert len(train_help) == len(held_help) == 3 and not {r["prompt"] for r in train_help} & {
+        r["prompt"] for r in held_help}  # fmt: skip
+    train, evaluation = load_pairs(script, embedded_tokenizer, 42)
+    assert len(train) == 12 + 3 and len(evaluation) == 4  # the eval rows stay HH's alone
+    assert [r["prompt"] for r in train][-3:] == [r["prompt"] for r in train_help]

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import FIXTURE_HH, ROOT
 from train.publish import PublishError, files_to_upload, publish
-from train.sweep import grid_points, parse_grid, point_name
+from train.sweep import grid_points, parse_grid, point_command, point_name
 
 TINY = str(ROOT / "train/recipes/tiny.yaml")
 
@@ -21,6 +21,11 @@ def test_grid_parsing_and_points():
     grid = parse_grid(["learning_rate=5e-6,5e-7", "beta=0.1"])
     assert grid_points(grid) == [{"learning_rate": "5e-6", "beta": "0.1"}, {"learning_rate": "5e-7", "beta": "0.1"}]
     assert point_name(grid_points(grid)[0]) == "learning_rate=5e-6,beta=0.1"
+    lists = grid_points(parse_grid(["loss_weights=1 0,1 1"]))
+    assert lists == [{"loss_weights": "1 0"}, {"loss_weights": "1 1"}] and point_name(lists[1]) == "loss_weights=1_1"
+    command = point_command("r.yaml", lists[1], Path("out/loss_weights=1_1"), [])
+    assert command[command.index("--loss_weights") :] == ["--loss_weights", "1", "1", "--output_dir",
+                                                          "out/loss_weights=1_1"]  # fmt: skip
     for bad in (["learning_rate"], ["learning_rate="], ["=1"], ["lr=1,,2"]):
         with pytest.raises(ValueError, match="expected KEY=VALUE"):
             parse_grid(bad)

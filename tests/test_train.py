@@ -98,7 +98,20 @@ def test_original_recipe_keeps_the_original_configuration():
     assert script_args.dataset_name == "Anthropic/hh-rlhf" and script_args.max_samples == 1000
     assert (args.num_train_epochs, args.learning_rate, args.per_device_train_batch_size) == (3, 5e-7, 1)
     assert (args.adam_epsilon, args.lr_scheduler_type.value, args.warmup_steps, args.seed) == (1e-8, "linear", 0.1, 42)
-    assert (args.logging_steps, args.save_steps, args.gradient_checkpointing, args.bf16) == (100, 100, True, True)
+    assert (args.logging_steps, args.save_steps, args.gradient_checkpointing) == (100, 100, True)
+    assert script_args.precision == "auto"  # bf16 as the original recipe, where the machine runs it natively
+
+
+def test_the_mixed_recipe_trains_dpo_with_the_sft_term_on_both_sources(tmp_path, tiny_path):
+    results = run_tiny(tmp_path, "--helpful_dataset_name", str(FIXTURE_HH.parent / "pandalm_tiny.json"),
+                       "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "1.0")  # fmt: skip
+    assert results["train_pairs"] == 12 + 5  # 6 usable PandaLM pairs, one (0.2) held out
+    assert math.isfinite(results["train_loss"])
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "run_config.yaml").read_text())
+    assert config["training"]["loss_type"] == ["sigmoid", "sft"] and config["training"]["loss_weights"] == [1.0, 1.0]
+    assert config["command"].startswith("python -m train.dpo --config ") and str(ROOT) not in config["command"]
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):

@@ -121,3 +121,8 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="missing or was not completely written"):
         resolve_resume(str(tmp_path / "checkpoint-9"), str(tmp_path))
     assert resolve_resume("last", str(tmp_path)) is None  # nothing yet: start from scratch
+
+
+def test_a_missing_helpful_file_is_named(tmp_path, tiny_path):
+    assert_fails_before_training(tmp_path, ["--helpful_dataset_name", "no/such/pandalm.json"], ValueError,
+                                 r"helpful data file 'no/such/pandalm.json' does not exist")  # fmt: skip

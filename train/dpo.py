@@ -161,6 +161,18 @@ def write_results(output_dir: str, train_metrics: dict, eval_metrics: dict | Non
         (out / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(arg: str) -> str:
+    """A command-line argument with a path inside this repository made relative to its root (the command is then
+    the same on every machine)."""
+    path = Path(arg)
+    if path.is_absolute() and path.resolve().is_relative_to(REPO_ROOT):
+        return str(path.resolve().relative_to(REPO_ROOT))
+    return arg
+
+
 def write_run_config(output_dir: str, script_args, training_args, model_args, argv: list[str]) -> None:
     """The run's settings, and its command as run from the repository's root (no path of this machine)."""
     import yaml
@@ -169,7 +181,7 @@ def write_run_config(output_dir: str, script_args, training_args, model_args, ar
         "script": asdict(script_args),
         "model": asdict(model_args),
         "training": training_args.to_dict(),
-        "command": shlex.join(["python", "-m", "train.dpo", *argv]),
+        "command": shlex.join(["python", "-m", "train.dpo", *map(portable, argv)]),
     }
     (Path(output_dir) / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
