@@ -147,8 +147,8 @@ def test_a_helpful_file_that_is_not_pandalm_is_named(tmp_path):
 def test_helpful_pairs_join_the_training_pairs_and_keep_their_own_held_out_share(embedded_tokenizer):
     from train.dpo import ScriptArguments, load_helpful_pairs, load_pairs
 
-    script = ScriptArguments(dataset_name=str(FIXTURE_HH), eval_fraction=0.25, helpful_dataset_name=str(FIXTURE_PANDALM),
-                             helpful_eval_fraction=0.5)  # fmt: skip
+    script = ScriptArguments(dataset_name=str(FIXTURE_HH), eval_fraction=0.25,
+                             helpful_dataset_name=str(FIXTURE_PANDALM), helpful_eval_fraction=0.5)  # fmt: skip
     train_help, held_help = load_helpful_pairs(script, embedded_tokenizer, 42)
     assert len(train_help) == len(held_help) == 3 and not {r["prompt"] for r in train_help} & {
         r["prompt"] for r in held_help}  # fmt: skip
