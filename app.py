@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from dpo_space import serving
+from dpo_space import serving, shipped
 from dpo_space.serving import MODE_CONTINUE, MODE_REPLY, Engine, GenerationSettings
 
 # The project's own DPO model (a LoRA adapter on the embedded SmolLM2-135M-Instruct), shipped in the repo.
@@ -124,7 +124,7 @@ def judge(prompt, response_a, response_b):
 
 def info() -> dict:
     """What is loaded, and the model's shipped held-out metrics."""
-    return {**engine.info(), "metrics": serving.training_metrics(engine.policy.name)}
+    return {**engine.info(), "metrics": shipped.held_out_metrics(engine.policy.name)}
 
 
 def settings_controls():
@@ -142,7 +142,8 @@ def settings_controls():
 
 def build_ui() -> gr.Blocks:
     with gr.Blocks(title="DPO Space") as demo:
-        gr.Markdown(f"# DPO Space\nModel: `{engine.policy.name}` · reference: `{engine.reference_label}`")
+        name = shipped.display_name(engine.policy.name)
+        gr.Markdown(f"# DPO Space\nModel: `{name}` · reference: `{engine.reference_label}`")
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
@@ -199,12 +200,14 @@ def build_ui() -> gr.Blocks:
                 inputs=[j_prompt, j_a, j_b],
             )  # fmt: skip
         with gr.Tab("About"):
+            gr.Markdown(f"### `{name}` beside its reference, on data neither trained on\n\n"
+                        + shipped.behaviour_markdown(engine.policy.name))  # fmt: skip
             about = gr.JSON(label="Loaded model and held-out metrics")
-            plots = serving.training_plots(engine.policy.name)
+            plots = shipped.plots(engine.policy.name)
             if plots:
-                gr.Gallery([str(p) for p in plots], label="Training curves", columns=2)
+                gr.Gallery([str(p) for p in plots], label="Behaviour report and training curves", columns=2)
             else:
-                gr.Markdown("This model directory ships no training curves.")
+                gr.Markdown("This model directory ships no plots.")
             demo.load(info, None, about, api_name="info", concurrency_limit=None)  # never waits behind a generation
     return demo
 
@@ -233,7 +236,7 @@ def main() -> None:
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=args.port,
-        allowed_paths=[str(p) for p in serving.training_plots(args.model)],  # the plots, not the weights beside them
+        allowed_paths=[str(p) for p in shipped.plots(args.model)],  # the plots, not the weights beside them
         show_error=True,
         # Gradio keeps per-session data for this many sessions (default 10,000); our endpoints are stateless,
         # so a small cap keeps the server's memory flat under many short-lived clients.

