@@ -22,7 +22,10 @@ LIMITATIONS = """\
 - Trained and evaluated on Anthropic HH-RLHF dialogues, which contain offensive and upsetting red-teaming
   content; the model can still produce harmful text. Use it for research on making models less harmful.
 - DPO's implicit-reward accuracy measures agreement with the dataset's preferences on held-out pairs, not
-  helpfulness or safety in general.
+  helpfulness or safety in general: on red-team pairs a model that refuses everything scores well on it. The
+  behaviour table above (XSTest, fluency) is what the model was picked by.
+- Refusals are counted by XSTest's refusal-phrase match, which misses partial refusals and refusals worded
+  otherwise.
 - A small model: expect factual errors and repetition."""
 
 
@@ -40,22 +43,37 @@ def card_metrics(run_dir: Path) -> dict:
 
 
 def samples_table(run_dir: Path, limit: int = 3) -> str:
+    """Greedy replies of the model and its reference to the first held-out HH prompts and XSTest safe prompts."""
     path = run_dir / "eval" / "samples.jsonl"
     if not path.is_file():
         return "_No samples yet: run `python -m train.evaluate` on this directory._"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    greedy = {(r["index"], r["model"]): r for r in rows if r["decoding"] == "greedy"}
-    indices = sorted({i for i, _ in greedy})[:limit]
+    greedy = {(r["set"], r["id"], r["model"]): r for r in rows if r["decoding"] == "greedy"}
     lines = ["| prompt (end) | DPO model | reference |", "|---|---|---|"]
 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")[:300]
 
-    for i in indices:
-        prompt = re.sub(r"<\|[^|]*\|>", " ", greedy[i, "policy"]["prompt"])  # drop chat-template tokens
-        lines.append(f"| …{cell(prompt[-120:])} | {cell(greedy[i, 'policy']['reply'])} | "
-                     f"{cell(greedy[i, 'reference']['reply'])} |")  # fmt: skip
+    for name in ("hh", "xstest_safe"):
+        keys = [(st, i) for st, i, who in greedy if st == name and who == "policy"][:limit]
+        for key in keys:
+            policy, reference = greedy[key + ("policy",)], greedy.get(key + ("reference",))
+            prompt = re.sub(r"<\|[^|]*\|>", " ", policy["prompt"])  # drop chat-template tokens
+            lines.append(f"| …{cell(prompt[-120:])} | {cell(policy['reply'])} | "
+                         f"{cell(reference['reply']) if reference else ''} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def behaviour_section(run_dir: Path) -> str:
+    """The model beside its reference on held-out data, with the targets met and missed."""
+    from dpo_space.shipped import behaviour_markdown
+
+    if not (run_dir / "eval" / "report.md").is_file():
+        return behaviour_markdown(str(run_dir))
+    return (
+        behaviour_markdown(str(run_dir))
+        + "\n\nThe whole report, with plots and every reply: [eval/report.md](eval/report.md)."
+    )
 
 
 def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
@@ -70,11 +88,13 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     dataset = (config.get("script") or {}).get("dataset_name", HH_DATASET)
     is_adapter = (run_dir / "adapter_config.json").is_file()
     metrics = card_metrics(run_dir)
+    evaluation = _read_json(run_dir / "eval" / "eval_results.json")
     plots = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("report/*.png"))
+    helpful = (config.get("script") or {}).get("helpful_dataset_name")
 
     data = ModelCardData(
         base_model=base_id,
-        datasets=[HH_DATASET],
+        datasets=[HH_DATASET],  # PandaLM's test set is on GitHub, not the Hub: named in the text
         license="mit",
         library_name="peft" if is_adapter else "transformers",
         tags=["trl", "dpo", "hh-rlhf", *(["lora"] if is_adapter else [])],
@@ -94,22 +114,30 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     source = " (a 2,000-pair sample of Anthropic's HH-RLHF harmless-base **test** file, MIT)" if (
         "harmless-base-test" in str(dataset)) else ""  # fmt: skip
     seed = (config.get("training") or {}).get("seed", "?")
+    helpful_text = (f", mixed with unanimous human verdicts of PandaLM's test set (`{Path(helpful).name}`, "
+                    f"everyday helpful tasks, Apache-2.0)") if helpful else ""  # fmt: skip
+    helpful_held = (f", and on {evaluation['helpful']['pairs']} held-out PandaLM pairs"
+                    if evaluation.get("helpful") else "")  # fmt: skip
     held_out = metrics.get("pairs") or training.get("eval_pairs", "?")
     content = f"""---
 {data.to_yaml()}
 ---
 
-# {run_dir.name}: DPO on Anthropic HH-RLHF
+# {run_dir.name}: DPO on Anthropic HH-RLHF{" and PandaLM" if helpful else ""}
 
 {"A LoRA adapter for" if is_adapter else "A full fine-tune of"} `{base_id}`{origin},
 aligned with Direct Preference Optimization (TRL `DPOTrainer`) on `{dataset}`.
 
 ## Training data
 
-Trained on {training.get("train_pairs", "?")} preference pairs of `{dataset}`{source}. The held-out metrics
-below are on {held_out} pairs of the same file that training never saw (split with seed {seed}).
+Trained on {training.get("train_pairs", "?")} preference pairs of `{dataset}`{source}{helpful_text}. The held-out
+metrics below are on {held_out} pairs of the same file that training never saw (split with seed {seed}){helpful_held}.
 
-## Held-out metrics
+## Behaviour beside the reference (held-out data)
+
+{behaviour_section(run_dir)}
+
+## Held-out preference metrics (HH-RLHF)
 
 | metric | value |
 |---|---|
