@@ -124,7 +124,8 @@ def judge(prompt, response_a, response_b):
 
 def info() -> dict:
     """What is loaded, and the model's shipped held-out metrics."""
-    return {**engine.info(), "metrics": shipped.held_out_metrics(engine.policy.name)}
+    name = shipped.display_name(engine.policy.name)  # never this machine's path
+    return {**engine.info(), "model": name, "metrics": shipped.held_out_metrics(engine.policy.name)}
 
 
 def settings_controls():

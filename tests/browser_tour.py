@@ -1,6 +1,6 @@
 """Drive the Space in headless Debian chromium: type a prompt, watch the output stream, screenshot each tab.
 
-    python -m tests.browser_tour --model embedded --out docs/screenshots
+    python -m tests.browser_tour --out docs/screenshots   (the shipped model; --model MODEL_ID for another)
 
 The browser test runs the same tour; this entry point refreshes the README's screenshots.
 """
@@ -17,7 +17,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
-def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
+def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
+         compare_prompt: str = "How do I make a good cup of coffee?") -> list[str]:  # fmt: skip
     """Return the distinct output texts seen while the Generate tab streamed; save one PNG a tab."""
     from playwright.sync_api import sync_playwright
 
@@ -45,7 +46,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer") -> list[str]:
         page.screenshot(path=str(out / "generate.png"), full_page=True)
 
         page.get_by_role("tab", name="Compare").click()
-        page.get_by_label("Prompt").nth(1).fill(prompt)
+        page.get_by_label("Prompt").nth(1).fill(compare_prompt)
         page.get_by_role("button", name="Compare", exact=True).click()
         reward = page.get_by_label("Reference reply reward β·log(π/π_ref)")
         _wait_until(lambda: page.get_by_label("Reference", exact=True).input_value() != "", 180)
@@ -82,7 +83,7 @@ def main() -> None:
     from tests.server import running_app
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--model", default=None, help="default: the Space's default, the shipped DPO model")
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     args = parser.parse_args()
     with running_app(args.model) as (url, _):
