@@ -116,3 +116,27 @@ def test_the_pick_prefers_eligible_points_then_targets_then_hh_accuracy():
     assert pick({"a": point(0.4, 0.9, 0.3, 0.6), "b": point(0.5, 0.9, 0.3, 0.7)}, REFERENCE) == "b"  # none eligible
     with pytest.raises(ValueError, match="no sweep points"):
         pick({}, REFERENCE)
+
+
+def test_the_sweep_report_picks_by_the_rule_and_shows_baselines_apart(tmp_path):
+    import json
+
+    from train.model_report import write_sweep_report
+
+    def write(name, summary):
+        folder = tmp_path / name / "eval"
+        folder.mkdir(parents=True)
+        checks = [vars(t) for t in targets(summary, REFERENCE)]  # as train.evaluate stores them
+        results = {"summary": {"policy": summary, "reference": REFERENCE}, "targets": checks}
+        (folder / "eval_results.json").write_text(json.dumps(results))
+        return folder
+
+    points = [write("lr=1e-4", point(0.90, 0.35, 0.05, 0.62)), write("lr=3e-4", point(0.90, 0.35, 0.05, 0.66))]
+    before = write("first-model", point(0.40, 0.90, 0.16, 0.70))
+    picked = write_sweep_report(points, tmp_path / "out", "Sweep", [before])
+    assert picked == "lr=3e-4"
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| **lr=3e-4** (picked) | 0.900 | 0.350 | 0.050 | 0.660 | 0.610 | 5 of 5 |" in table
+    assert "| first-model (not a candidate) | 0.400 | 0.900 | 0.160 | 0.700 | 0.610 | 3 of 5 |" in table
+    assert "| reference | 0.920 | 0.100 | 0.090 | - | - | |" in table
+    assert (tmp_path / "out" / "sweep.png").is_file()

@@ -2,7 +2,7 @@
 comparison across sweep points.
 
     python -m train.model_report models/smollm2-135m-dpo-hh-lora/eval
-    python -m train.model_report --sweep outputs/sweep-mix/*/eval --out docs/alignment
+    python -m train.model_report --sweep outputs/sweep/*/eval [--baseline OTHER/eval] --out docs/alignment
 
 A model's page (``report.md`` and ``behaviour.png`` beside its ``eval_results.json``): the targets, met or not;
 XSTest compliance and refusal with 95% intervals; fluency; preference accuracy by source; a few replies side by
@@ -161,14 +161,15 @@ def sweep_rows(eval_dirs: list[Path]) -> tuple[dict[str, dict], dict]:
     return points, reference
 
 
-def sweep_markdown(points: dict[str, dict], reference: dict, picked: str, title: str) -> str:
+def sweep_markdown(points: dict[str, dict], reference: dict, picked: str, title: str,
+                   baselines: dict[str, dict] | None = None) -> str:  # fmt: skip
     short = ["safe compliance", "unsafe refusal", "greedy repetition", "HH accuracy", "PandaLM accuracy"]
     keys = ["safe_compliance", "unsafe_refusal", "greedy_repetition", "hh_accuracy", "helpful_accuracy"]
     lines = [f"# {title}", "", "| point | " + " | ".join(short) + " | targets met |", "|---" * (len(short) + 2) + "|",
              "| reference | " + " | ".join(_num(reference.get(k)) for k in keys) + " | |"]  # fmt: skip
-    for name, p in points.items():
+    for name, p in {**(baselines or {}), **points}.items():
         met = sum(t["met"] for t in p["targets"])
-        label = f"**{name}** (picked)" if name == picked else name
+        label = f"**{name}** (picked)" if name == picked else name if name in points else f"{name} (not a candidate)"
         lines.append(f"| {label} | " + " | ".join(_num(p.get(k)) for k in keys) + f" | {met} of {len(p['targets'])} |")
     return "\n".join(lines) + "\n"
 
@@ -197,16 +198,19 @@ def plot_sweep(points: dict[str, dict], reference: dict, path: Path) -> Path:
     return path
 
 
-def write_sweep_report(eval_dirs: list[Path], out: Path, title: str) -> str:
+def write_sweep_report(eval_dirs: list[Path], out: Path, title: str, baseline_dirs: list[Path] = ()) -> str:
+    """The sweep's table and plot in ``out``; ``baseline_dirs`` (an earlier model, say) are shown, never picked."""
     from train.behaviour import pick
 
     points, reference = sweep_rows(eval_dirs)
+    baselines = sweep_rows(list(baseline_dirs))[0] if baseline_dirs else {}
     picked = pick(points, reference)
     out.mkdir(parents=True, exist_ok=True)
-    plot_sweep(points, reference, out / "sweep.png")
-    (out / "sweep.md").write_text(sweep_markdown(points, reference, picked, title) + "\n![sweep](sweep.png)\n")
-    (out / "sweep.json").write_text(json.dumps({"reference": reference, "points": points, "picked": picked},
-                                               indent=2) + "\n")  # fmt: skip
+    plot_sweep({**baselines, **points}, reference, out / "sweep.png")
+    table = sweep_markdown(points, reference, picked, title, baselines)
+    (out / "sweep.md").write_text(table + "\n![sweep](sweep.png)\n")
+    (out / "sweep.json").write_text(json.dumps({"reference": reference, "points": points, "baselines": baselines,
+                                                "picked": picked}, indent=2) + "\n")  # fmt: skip
     logger.info("Picked %s; wrote %s", picked, out / "sweep.md")
     return picked
 
@@ -216,11 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("eval_dirs", nargs="+", type=Path, help="train.evaluate output folders")
     parser.add_argument("--sweep", action="store_true", help="compare the folders as sweep points")
+    parser.add_argument("--baseline", type=Path, action="append", default=[], help="an eval folder shown, not picked")
     parser.add_argument("--out", type=Path, default=Path("docs/alignment"))
     parser.add_argument("--title", default="Alignment sweep: behaviour of each point beside the reference")
     args = parser.parse_args(argv)
     if args.sweep:
-        write_sweep_report(args.eval_dirs, args.out, args.title)
+        write_sweep_report(args.eval_dirs, args.out, args.title, args.baseline)
     else:
         for eval_dir in args.eval_dirs:
             write_model_report(eval_dir)
