@@ -16,14 +16,20 @@ def tokenize_completion(tokenizer, prompt: str, completion: str) -> tuple[list[i
 
 
 def completion_logps(model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
-    """Sum of log p(completion tokens | prompt) for each ``(prompt_ids, completion_ids)``, batched, right-padded."""
+    """Sum of log p(completion tokens | prompt) for each ``(prompt_ids, completion_ids)``.
+
+    Batched by length (little padding), right-padded, and the LM head projects only the positions from the batch's
+    earliest completion token on (``logits_to_keep``): a prompt is most of an HH pair's tokens."""
     import torch
 
     device = next(model.parameters()).device
-    results: list[float] = []
-    for start in range(0, len(sequences), batch_size):
-        batch = sequences[start : start + batch_size]
+    results: list[float] = [0.0] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = [sequences[i] for i in rows]
         width = max(len(p) + len(c) for p, c in batch)
+        first = max(1, min(len(p) for p, _ in batch))  # the first token that can be a scored completion token
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         attention = torch.zeros_like(ids)
         completion_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -33,10 +39,12 @@ def completion_logps(model, sequences: list[tuple[list[int], list[int]]], batch_
             attention[row, :n] = 1
             completion_mask[row, len(prompt) : n] = True
         ids, attention, completion_mask = ids.to(device), attention.to(device), completion_mask.to(device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        results.extend((token_logps * completion_mask[:, 1:]).sum(dim=1).tolist())
+        with torch.no_grad():  # logits at positions first-1 .. width-1; each predicts the next token
+            logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=width - first + 1).logits
+        targets = ids[:, first:]
+        token_logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+        for i, value in zip(rows, (token_logps * completion_mask[:, first:]).sum(dim=1).tolist(), strict=True):
+            results[i] = value
     return results
 
 

@@ -116,6 +116,8 @@ def test_reference_replies_are_reused_only_with_the_same_settings(evaluation, ti
     again = main([*common, "--max_new_tokens", "8", "--output_dir", str(tmp_path / "again")])
     before = json.loads((first / "eval_results.json").read_text())
     assert again["behaviour"]["reference"] == before["behaviour"]["reference"]
+    for key in ("ref_logps/chosen", "ref_logps/rejected", "rewards/accuracies"):  # reference log-probs reused
+        assert again[key] == pytest.approx(before[key], abs=1e-6), key
     with pytest.raises(ValueError, match="reference or generation settings differ.*evaluate without it"):
         main([*common, "--max_new_tokens", "9", "--output_dir", str(tmp_path / "other")])
 

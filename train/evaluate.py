@@ -22,6 +22,7 @@ one-page ``report.md`` with plots to ``--output_dir`` (default: ``MODEL_DIR/eval
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import statistics
@@ -52,8 +53,18 @@ def preference_metrics(policy: dict[str, list[float]], reference: dict[str, list
     }
 
 
-def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length: int | None) -> tuple[dict, dict]:
-    """Summed completion log-probs of each pair's chosen and rejected, under the policy and the reference."""
+def pair_key(row: dict, max_length: int | None) -> str:
+    """A pair's identity for reusing its reference log-probs: its texts and the truncation length."""
+    text = "\0".join([row["prompt"], row["chosen"], row["rejected"], str(max_length)])
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length: int | None,
+                known: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+    """Summed completion log-probs of each pair's chosen and rejected, under the policy and the reference.
+
+    ``known`` (``pair_key`` -> [chosen, rejected]) holds reference log-probs already computed, by an earlier
+    evaluation with the same reference; new ones are added to it."""
     from tqdm.auto import tqdm
 
     from dpo_space.scoring import completion_logps, reference_model, tokenize_completion
@@ -77,8 +88,13 @@ def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length
         return out
 
     policy = score(loaded.model, "policy")
-    with reference_model(loaded, reference) as ref:
-        ref_scores = score(ref, "reference")
+    known = {} if known is None else known
+    keys = [pair_key(row, max_length) for row in rows]
+    if not all(key in known for key in keys):
+        with reference_model(loaded, reference) as ref:
+            fresh = score(ref, "reference")
+        known.update({key: [c, r] for key, c, r in zip(keys, fresh["chosen"], fresh["rejected"], strict=True)})
+    ref_scores = {"chosen": [known[key][0] for key in keys], "rejected": [known[key][1] for key in keys]}
     return policy, ref_scores
 
 
@@ -325,6 +341,22 @@ def helpful_rows(args, tokenizer) -> list[dict]:
     return load_helpful_pairs(script, tokenizer, args.seed)[1]
 
 
+REFERENCE_LOGPS = "reference_logps.json"
+
+
+def reusable_reference_logps(folder: str | None, reference: str) -> dict:
+    """Reference log-probs of an earlier evaluation's pairs (``pair_key`` -> [chosen, rejected]), or ``{}``; an
+    error if its reference differs from this run's."""
+    if not folder:
+        return {}
+    earlier = json.loads((Path(folder) / "eval_results.json").read_text())
+    if earlier.get("reference") != reference:
+        raise ValueError(f"--reuse_reference {folder}: its reference ({earlier.get('reference')}) is not this run's "
+                         f"({reference}); evaluate without it")  # fmt: skip
+    path = Path(folder) / REFERENCE_LOGPS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def reusable_reference(folder: str | None, reference: str, generation: dict) -> dict | None:
     """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``; an error if its reference or
     generation settings differ from this run's."""
@@ -354,12 +386,14 @@ def main(argv=None) -> dict:
     loaded, reference = engine.policy, engine.reference
     beta = args.beta if args.beta is not None else recorded_beta(args.model)
 
+    known = reusable_reference_logps(args.reuse_reference, engine.reference_label)
     rows = held_out_rows(args, loaded.tokenizer)
-    metrics = preference_metrics(*score_pairs(loaded, reference, rows, args.batch_size, args.max_length), beta)
+    metrics = preference_metrics(*score_pairs(loaded, reference, rows, args.batch_size, args.max_length, known), beta)
     helpful = None
     if args.helpful_data:
         pairs = helpful_rows(args, loaded.tokenizer)
-        helpful = preference_metrics(*score_pairs(loaded, reference, pairs, args.batch_size, args.max_length), beta)
+        helpful = preference_metrics(*score_pairs(loaded, reference, pairs, args.batch_size, args.max_length, known),
+                                     beta)  # fmt: skip
         metrics["helpful"] = helpful
 
     xstest = xstest_subset(read_xstest(args.xstest), args.xstest_per_label, args.seed) if args.xstest else []
@@ -382,6 +416,7 @@ def main(argv=None) -> dict:
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     (out / "eval_summary.md").write_text(summary_markdown(args.model, engine.reference_label, metrics))
+    (out / REFERENCE_LOGPS).write_text(json.dumps(known) + "\n")
     write_model_report(out)
     if out == Path(args.model) / "eval" and (Path(args.model) / "run_config.yaml").is_file():
         from train.card import write_card
