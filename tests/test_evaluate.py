@@ -118,8 +118,19 @@ def test_reference_replies_are_reused_only_with_the_same_settings(evaluation, ti
     assert again["behaviour"]["reference"] == before["behaviour"]["reference"]
     for key in ("ref_logps/chosen", "ref_logps/rejected", "rewards/accuracies"):  # reference log-probs reused
         assert again[key] == pytest.approx(before[key], abs=1e-6), key
-    with pytest.raises(ValueError, match="reference or generation settings differ.*evaluate without it"):
-        main([*common, "--max_new_tokens", "9", "--output_dir", str(tmp_path / "other")])
+    other = main([*common, "--max_new_tokens", "9", "--output_dir", str(tmp_path / "other")])
+    assert other["generation"]["max_new_tokens"] == 9  # replies generated again, log-probs still reused
+    assert other["ref_logps/chosen"] == pytest.approx(before["ref_logps/chosen"], abs=1e-6)
+
+
+def test_reuse_needs_the_same_reference(evaluation, tmp_path):
+    _, first = evaluation
+    results = json.loads((first / "eval_results.json").read_text())
+    (tmp_path / "eval_results.json").write_text(json.dumps({**results, "reference": "another-model"}))
+    from train.evaluate import reusable_reference_logps
+
+    with pytest.raises(ValueError, match=r"its reference \(another-model\) is not this run's"):
+        reusable_reference_logps(str(tmp_path), results["reference"])
 
 
 def test_an_unloadable_judge_is_reported_and_evaluation_goes_on(tiny_adapter, tmp_path):

@@ -305,7 +305,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--decodings", default="greedy,sampled", help="greedy, sampled (temperature 0.7, top-p 0.9)")
     parser.add_argument("--reuse_reference", default=None, help="an earlier evaluation's folder with the same "
-                        "reference and generation settings: its reference replies are reused")  # fmt: skip
+                        "reference: its log-probs are reused, and its replies if generated alike")  # fmt: skip
     parser.add_argument("--decoder", default="auto", help="the Space's DECODER: auto, int4, fp32 or generate")
     parser.add_argument("--judge", default=None, help="reward-model id for win rates (optional)")
     parser.add_argument("--dtype", default="float32")
@@ -357,17 +357,17 @@ def reusable_reference_logps(folder: str | None, reference: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def reusable_reference(folder: str | None, reference: str, generation: dict) -> dict | None:
-    """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``; an error if its reference or
-    generation settings differ from this run's."""
+def reusable_reference(folder: str | None, generation: dict) -> dict | None:
+    """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``, when it generated them with the
+    same settings and prompt sets (a sampled reply's seed depends on its place in its set); else None, and they are
+    generated again."""
     if not folder:
         return None
     earlier = json.loads((Path(folder) / "eval_results.json").read_text())
-    if earlier.get("reference") != reference or earlier.get("generation") != generation:
-        raise ValueError(
-            f"--reuse_reference {folder}: its reference or generation settings differ from this run's "
-            f"({earlier.get('reference')}, {earlier.get('generation')}); evaluate without it"
-        )
+    if earlier.get("generation") != generation:
+        logger.info("--reuse_reference %s: other generation settings (%s); its replies are not reused", folder,
+                    earlier.get("generation"))  # fmt: skip
+        return None
     with open(Path(folder) / "samples.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return {(r["set"], r["id"], r["decoding"]): {"text": r["reply"], "tokens": r["tokens"]}
@@ -400,7 +400,7 @@ def main(argv=None) -> dict:
     sets = prompt_sets(loaded.tokenizer, rows[: args.num_generations], xstest)
     generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "decodings": args.decodings,
                   "decoder": engine.decoder, "prompts": {k: len(v) for k, v in sets.items()}}  # fmt: skip
-    reuse = reusable_reference(args.reuse_reference, engine.reference_label, generation)
+    reuse = reusable_reference(args.reuse_reference, generation)
     samples = generation_samples(engine, sets, args.decodings, args.max_new_tokens, args.seed, reuse)
     behaviour = behaviour_metrics(samples, args.max_new_tokens)
     policy, ref = summaries(behaviour, metrics, helpful)
