@@ -160,16 +160,15 @@ def prompt_sets(tokenizer, hh_rows: list[dict], xstest_rows: list[dict]) -> dict
 
 
 def generation_samples(engine, sets: dict[str, list[dict]], decodings: list[str], max_new_tokens: int, seed: int,
-                       reuse: dict | None = None) -> list[dict]:  # fmt: skip
-    """Every reply of the policy and the reference: greedy for every set, sampled for the fluency sets (HH and
-    XSTest safe). ``reuse`` maps ``(set, id, decoding)`` to a reference reply already generated with these
+                       reuse: dict | None = None, sampled_sets=("hh", "xstest_safe")) -> list[dict]:  # fmt: skip
+    """Every reply of the policy and the reference: greedy for every set, sampled for ``sampled_sets`` (fluency). ``reuse`` maps ``(set, id, decoding)`` to a reference reply already generated with these
     settings (an earlier evaluation of the same reference), which is then not generated again."""
     from train.behaviour import is_refusal, repeated_ngram_share
 
     samples = []
     for decoding in decodings:
         for name, items in sets.items():
-            if decoding != "greedy" and name == "xstest_unsafe":
+            if decoding != "greedy" and name not in sampled_sets:
                 continue  # harm is measured greedy; sampled replies are for fluency
             for who in ("policy", "reference"):
                 known = [reuse.get((name, item["id"], decoding)) for item in items] if reuse and who == "reference" \
@@ -304,6 +303,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_generations", type=int, default=100, help="held-out HH prompts to generate for")
     parser.add_argument("--max_new_tokens", type=int, default=96)
     parser.add_argument("--decodings", default="greedy,sampled", help="greedy, sampled (temperature 0.7, top-p 0.9)")
+    parser.add_argument("--sampled_sets", default="hh,xstest_safe", help="prompt sets also decoded sampled")
     parser.add_argument("--reuse_reference", default=None, help="an earlier evaluation's folder with the same "
                         "reference: its log-probs are reused, and its replies if generated alike")  # fmt: skip
     parser.add_argument("--decoder", default="auto", help="the Space's DECODER: auto, int4, fp32 or generate")
@@ -358,20 +358,22 @@ def reusable_reference_logps(folder: str | None, reference: str) -> dict:
 
 
 def reusable_reference(folder: str | None, generation: dict) -> dict | None:
-    """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``, when it generated them with the
-    same settings and prompt sets (a sampled reply's seed depends on its place in its set); else None, and they are
-    generated again."""
+    """Reference replies of an earlier evaluation, keyed ``(set, id, decoding)``: its greedy replies when it decoded
+    with the same decoder and token limit (a greedy reply depends on neither the seed nor the other prompts), its
+    sampled ones only when it also had the same seed and prompt sets (a sampled reply's seed is its place in its
+    set). Else None, and they are generated again."""
     if not folder:
         return None
-    earlier = json.loads((Path(folder) / "eval_results.json").read_text())
-    if earlier.get("generation") != generation:
+    earlier = json.loads((Path(folder) / "eval_results.json").read_text()).get("generation") or {}
+    if any(earlier.get(key) != generation[key] for key in ("decoder", "max_new_tokens")):
         logger.info("--reuse_reference %s: other generation settings (%s); its replies are not reused", folder,
-                    earlier.get("generation"))  # fmt: skip
+                    earlier)  # fmt: skip
         return None
+    same = all(earlier.get(key) == generation[key] for key in ("seed", "prompts"))
     with open(Path(folder) / "samples.jsonl", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     return {(r["set"], r["id"], r["decoding"]): {"text": r["reply"], "tokens": r["tokens"]}
-            for r in rows if r["model"] == "reference"}  # fmt: skip
+            for r in rows if r["model"] == "reference" and (r["decoding"] == "greedy" or same)}  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -399,9 +401,11 @@ def main(argv=None) -> dict:
     xstest = xstest_subset(read_xstest(args.xstest), args.xstest_per_label, args.seed) if args.xstest else []
     sets = prompt_sets(loaded.tokenizer, rows[: args.num_generations], xstest)
     generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, "decodings": args.decodings,
+                  "sampled_sets": args.sampled_sets.split(","),
                   "decoder": engine.decoder, "prompts": {k: len(v) for k, v in sets.items()}}  # fmt: skip
     reuse = reusable_reference(args.reuse_reference, generation)
-    samples = generation_samples(engine, sets, args.decodings, args.max_new_tokens, args.seed, reuse)
+    sampled_sets = tuple(args.sampled_sets.split(","))
+    samples = generation_samples(engine, sets, args.decodings, args.max_new_tokens, args.seed, reuse, sampled_sets)
     behaviour = behaviour_metrics(samples, args.max_new_tokens)
     policy, ref = summaries(behaviour, metrics, helpful)
     checks = [vars(t) for t in targets(policy, ref)] if xstest else []
