@@ -161,8 +161,9 @@ def prompt_sets(tokenizer, hh_rows: list[dict], xstest_rows: list[dict]) -> dict
 
 def generation_samples(engine, sets: dict[str, list[dict]], decodings: list[str], max_new_tokens: int, seed: int,
                        reuse: dict | None = None, sampled_sets=("hh", "xstest_safe")) -> list[dict]:  # fmt: skip
-    """Every reply of the policy and the reference: greedy for every set, sampled for ``sampled_sets`` (fluency). ``reuse`` maps ``(set, id, decoding)`` to a reference reply already generated with these
-    settings (an earlier evaluation of the same reference), which is then not generated again."""
+    """Every reply of the policy and the reference: greedy for every set, sampled for ``sampled_sets`` (fluency).
+    ``reuse`` maps ``(set, id, decoding)`` to a reference reply already generated alike (``reusable_reference``),
+    which is then not generated again."""
     from train.behaviour import is_refusal, repeated_ngram_share
 
     samples = []
