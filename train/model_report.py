@@ -151,12 +151,14 @@ def write_model_report(eval_dir: str | Path) -> Path:
 
 
 def sweep_rows(eval_dirs: list[Path]) -> tuple[dict[str, dict], dict]:
-    """Each point's summary (named by its run folder) and the reference's (the same in every point)."""
+    """Each point's summary (named by its run folder, with the reference's on the same prompts) and the first
+    point's reference summary."""
     points, reference = {}, None
     for eval_dir in eval_dirs:
         results = json.loads((eval_dir / "eval_results.json").read_text())
         name = eval_dir.parent.name if eval_dir.name == "eval" else eval_dir.name
-        points[name] = results["summary"]["policy"] | {"targets": results["targets"]}
+        points[name] = results["summary"]["policy"] | {"targets": results["targets"],
+                                                       "reference": results["summary"]["reference"]}  # fmt: skip
         reference = reference or results["summary"]["reference"]
     return points, reference
 
