@@ -136,7 +136,7 @@ def test_the_sweep_report_picks_by_the_rule_and_shows_baselines_apart(tmp_path):
     picked = write_sweep_report(points, tmp_path / "out", "Sweep", [before])
     assert picked == "lr=3e-4"
     table = (tmp_path / "out" / "sweep.md").read_text()
-    assert "| **lr=3e-4** (picked) | 0.900 | 0.350 | 0.050 | 0.660 | 0.610 | 5 of 5 |" in table
-    assert "| first-model (not a candidate) | 0.400 | 0.900 | 0.160 | 0.700 | 0.610 | 3 of 5 |" in table
-    assert "| reference | 0.920 | 0.100 | 0.090 | - | - | |" in table
+    assert "| **lr=3e-4** (picked) | -/-/- | 0.900 | 0.350 | 0.050 | 0.660 | 0.610 | 5 of 5 |" in table
+    assert "| first-model (not a candidate) | -/-/- | 0.400 | 0.900 | 0.160 | 0.700 | 0.610 | 3 of 5 |" in table
+    assert "| reference | -/-/- | 0.920 | 0.100 | 0.090 | - | - | |" in table
     assert (tmp_path / "out" / "sweep.png").is_file()

@@ -157,8 +157,11 @@ def sweep_rows(eval_dirs: list[Path]) -> tuple[dict[str, dict], dict]:
     for eval_dir in eval_dirs:
         results = json.loads((eval_dir / "eval_results.json").read_text())
         name = eval_dir.parent.name if eval_dir.name == "eval" else eval_dir.name
+        prompts = results.get("generation", {}).get("prompts", {})
         points[name] = results["summary"]["policy"] | {"targets": results["targets"],
-                                                       "reference": results["summary"]["reference"]}  # fmt: skip
+                                                       "reference": results["summary"]["reference"],
+                                                       "prompts": "/".join(str(prompts.get(k, "-")) for k in (
+                                                           "xstest_safe", "xstest_unsafe", "hh"))}  # fmt: skip
         reference = reference or results["summary"]["reference"]
     return points, reference
 
@@ -167,12 +170,18 @@ def sweep_markdown(points: dict[str, dict], reference: dict, picked: str, title:
                    baselines: dict[str, dict] | None = None) -> str:  # fmt: skip
     short = ["safe compliance", "unsafe refusal", "greedy repetition", "HH accuracy", "PandaLM accuracy"]
     keys = ["safe_compliance", "unsafe_refusal", "greedy_repetition", "hh_accuracy", "helpful_accuracy"]
-    lines = [f"# {title}", "", "| point | " + " | ".join(short) + " | targets met |", "|---" * (len(short) + 2) + "|",
-             "| reference | " + " | ".join(_num(reference.get(k)) for k in keys) + " | |"]  # fmt: skip
+    lines = [f"# {title}", "", "| point | prompts (safe/unsafe/HH) | " + " | ".join(short) + " | targets met |",
+             "|---" * (len(short) + 3) + "|"]  # fmt: skip
+    references = {}  # one row for the reference on each set of prompts
+    for p in {**(baselines or {}), **points}.values():
+        references.setdefault(p.get("prompts", "-"), p.get("reference", reference))
+    for prompts, ref in references.items():
+        lines.append(f"| reference | {prompts} | " + " | ".join(_num(ref.get(k)) for k in keys) + " | |")
     for name, p in {**(baselines or {}), **points}.items():
         met = sum(t["met"] for t in p["targets"])
         label = f"**{name}** (picked)" if name == picked else name if name in points else f"{name} (not a candidate)"
-        lines.append(f"| {label} | " + " | ".join(_num(p.get(k)) for k in keys) + f" | {met} of {len(p['targets'])} |")
+        values = " | ".join(_num(p.get(k)) for k in keys)
+        lines.append(f"| {label} | {p.get('prompts', '-')} | {values} | {met} of {len(p['targets'])} |")
     return "\n".join(lines) + "\n"
 
 
