@@ -102,7 +102,8 @@ def test_model_card_has_what_a_reader_needs(tiny_adapter):
     assert data["base_model"] == "tiny" and data["datasets"] == ["Anthropic/hh-rlhf"] and data["license"] == "mit"
     assert {"trl", "dpo", "lora"} <= set(data["tags"]) and data["library_name"] == "peft"
     text = card.text
-    for section in ("## Held-out metrics", "## Training curves", "## Samples: DPO model vs reference",
+    for section in ("## Behaviour beside the reference", "## Held-out preference metrics", "## Training curves",
+                    "## Samples: DPO model vs reference",
                     "## Recipe", "## Usage", "## Limitations"):  # fmt: skip
         assert section in text
     assert "| rewards/accuracies |" in text and "![report/loss.png](report/loss.png)" in text
