@@ -112,13 +112,11 @@ def test_stop_ends_the_server_side_generation(client):
     while len(job.outputs()) < 3:
         time.sleep(0.01)
     assert client.predict(api_name="/info")["active_generations"] == 1
-    cancelled = time.monotonic()
     job.cancel()
-    while client.predict(api_name="/info")["active_generations"] and time.monotonic() - cancelled < 10:
+    deadline = time.monotonic() + 60  # a bound on waiting; how fast it stops: tests/test_batching.py counts steps
+    while client.predict(api_name="/info")["active_generations"]:
+        assert time.monotonic() < deadline, "the generation went on after Stop"
         time.sleep(0.02)
-    stop_latency = time.monotonic() - cancelled
-    print(f"server-side generation ended {stop_latency:.3f} s after cancel")
-    assert stop_latency < 1.0
     assert client.predict("Hi", "Assistant reply", *GREEDY.values(), api_name="/generate") is not None
 
 

@@ -1,0 +1,112 @@
+"""The CPU decoder's scheduler on its own: rows join at the next step, leave at once, and Stop ends only its row.
+
+A scripted decoder stands in for the model: each row's next token is its last token plus one, so every row's
+reply is known in advance, and a hook runs between steps to act as a user would.
+"""
+
+import threading
+
+import torch
+
+from dpo_space.batching import END, DecoderBatcher, Request
+from dpo_space.serving import GenerationSettings
+
+VOCAB, EOS = 100, 99
+
+
+class ScriptedDecoder:
+    """Cache rows hold each row's last token; the logits favour that token plus one."""
+
+    def __init__(self, between_steps=lambda step: None):
+        self.rows: list[int] = []
+        self.steps = 0
+        self.between_steps = between_steps
+
+    def reset(self):
+        self.rows = []
+
+    def _logits(self, last: list[int]):
+        logits = torch.zeros(len(last), VOCAB)
+        logits[range(len(last)), [(t + 1) % VOCAB for t in last]] = 1.0
+        return logits
+
+    def prefill_rows(self, prompts):
+        self.rows += [p[-1] for p in prompts]
+        return self._logits([p[-1] for p in prompts])
+
+    def decode(self, tokens):
+        assert len(tokens) == len(self.rows), "one token per live cache row"
+        self.steps += 1
+        self.between_steps(self.steps)
+        self.rows = list(tokens)
+        return self._logits(tokens)
+
+    def remove_row(self, i):
+        self.rows[i] = self.rows[-1]
+        self.rows.pop()
+
+
+def request(first_token: int, max_new_tokens: int) -> Request:
+    settings = GenerationSettings.validated(
+        max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, seed=0,
+    )  # fmt: skip
+    return Request([1, first_token], settings, use_reference=False)
+
+
+def run(decoder: ScriptedDecoder, first: list[Request], max_batch: int = 4) -> DecoderBatcher:
+    batcher = DecoderBatcher(lambda use_reference: decoder, threading.Lock(), 0, [EOS], max_batch, wait_s=0.0)
+    for each in first:
+        batcher.submit(each)
+    for each in first:
+        assert each.finished.wait(10), "the scheduler finished every request"
+    return batcher
+
+
+def streamed(req: Request) -> list:
+    items = []
+    while not req.tokens.empty():
+        items.append(req.tokens.get_nowait())
+    return items
+
+
+def test_rows_decode_together_and_each_ends_at_its_budget_or_eos():
+    short, long, to_eos = request(10, 3), request(20, 6), request(95, 50)
+    run(ScriptedDecoder(), [short, long, to_eos])
+    assert streamed(short) == [11, 12, 13, END]
+    assert streamed(long) == [21, 22, 23, 24, 25, 26, END]
+    assert streamed(to_eos) == [96, 97, 98, END]  # 99 is EOS: not streamed
+
+
+def test_stop_ends_its_row_at_the_next_step_and_the_others_go_on():
+    stopped, other = request(10, 50), request(40, 8)
+    decoder = ScriptedDecoder(lambda step: step == 3 and stopped.stop.set())
+    run(decoder, [stopped, other])
+    assert streamed(stopped) == [11, 12, 13, END]  # the token of step 3 is not streamed: it was asked to stop
+    assert streamed(other) == [41, 42, 43, 44, 45, 46, 47, 48, END]
+    assert decoder.steps == 7 and decoder.rows == []  # the stopped row left its cache row at once
+
+
+def test_an_arrival_joins_the_running_rows_at_the_next_step():
+    first, late = request(10, 6), request(60, 3)
+    batcher = None
+
+    def arrive(step):
+        if step == 2:
+            batcher.submit(late)
+
+    decoder = ScriptedDecoder(arrive)
+    batcher = DecoderBatcher(lambda use_reference: decoder, threading.Lock(), 0, [EOS], 4, wait_s=0.0)
+    batcher.submit(first)
+    assert first.finished.wait(10) and late.finished.wait(10)
+    assert streamed(first) == [11, 12, 13, 14, 15, 16, END]
+    assert streamed(late) == [61, 62, 63, END]
+    assert batcher.batch_sizes == [1, 2]  # one batch: the arrival joined it, nothing restarted
+    assert decoder.steps == 5  # 6 tokens of the first row: 1 from its prefill, 5 decode steps
+
+
+def test_a_full_batch_makes_arrivals_wait_for_a_free_row():
+    rows = [request(10 * i, 4) for i in range(1, 4)]
+    batcher = run(ScriptedDecoder(), rows, max_batch=2)
+    assert [streamed(r) for r in rows] == [[11, 12, 13, 14, END], [21, 22, 23, 24, END], [31, 32, 33, 34, END]]
+    assert max(batcher.batch_sizes) == 2
