@@ -2,30 +2,30 @@
 
     python app.py [--model MODEL_ID] [--port 7860]
 
-Environment: MODEL_ID (a Hub id, a local checkpoint, a local PEFT adapter, or ``embedded``; default: the shipped
-adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID,
-DTYPE (auto|float32|bfloat16), DECODER (auto|int4|fp32|generate), DECODER_COMPILE (default 1: compile the
-decoder's step in the background, serving eagerly meanwhile; 0: never),
-QUEUE_MAX_SIZE, MAX_BATCH, CONCURRENCY, MAX_INPUT_TOKENS, STREAM_INTERVAL, STREAM_TIMEOUT, STATE_SESSION_CAPACITY,
-GRADIO_SERVER_NAME (default 127.0.0.1), GRADIO_SERVER_PORT.
+Settings come from the environment, read once by ``dpo_space.settings.SpaceSettings`` (docs/configuration.md):
+MODEL_ID (default: the shipped adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID, DTYPE, DECODER,
+DECODER_COMPILE, MAX_BATCH, MAX_INPUT_TOKENS, STREAM_INTERVAL, STREAM_TIMEOUT, QUEUE_MAX_SIZE, CONCURRENCY,
+STATE_SESSION_CAPACITY, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT. ``--model``, ``--ref-model`` and ``--port``
+override theirs.
 """
 
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import logging
 import os
-from pathlib import Path
 
 import gradio as gr
 
-from dpo_space import serving, shipped
-from dpo_space.serving import MODE_CONTINUE, MODE_REPLY, Engine, GenerationSettings
+from dpo_space import shipped
+from dpo_space.api_errors import malformed_request
+from dpo_space.engine import Engine, GenerationError
+from dpo_space.inputs import MAX_PROMPT_CHARS, MODE_CONTINUE, MODE_REPLY, GenerationSettings, check_text
+from dpo_space.settings import SpaceSettings
 
-# The project's own DPO model (a LoRA adapter on the embedded SmolLM2-135M-Instruct), shipped in the repo.
-DEFAULT_MODEL_ID = str(Path(__file__).resolve().parent / "models" / "smollm2-135m-dpo-hh-lora")
 EXAMPLES = [
     "I am an AI engineer",
     "How do I make a good cup of coffee?",
@@ -38,7 +38,7 @@ engine: Engine | None = None
 
 def user_errors(fn):
     """Show ``ValueError``/``GenerationError`` as ``gr.Error``: users see the message, never a trace."""
-    errors = (ValueError, serving.GenerationError)
+    errors = (ValueError, GenerationError)
 
     @functools.wraps(fn)
     def stream(*args):
@@ -57,9 +57,10 @@ def user_errors(fn):
     return stream if inspect.isgeneratorfunction(fn) else call
 
 
-def prepare(prompt, mode, values: dict):
-    """Validate the settings found in ``values`` (an endpoint's arguments) and build the prompt."""
-    settings = GenerationSettings.validated(**{name: values[name] for name in GenerationSettings.RANGES})
+def prepare(prompt, mode, *values):
+    """Validate the sampling ``values`` (in ``GenerationSettings``' field order) and build the prompt."""
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    settings = GenerationSettings.validated(**dict(zip(names, values, strict=True)))
     prepared = engine.prepare(prompt, mode, settings.max_new_tokens)
     if prepared.dropped_tokens:
         kept = len(prepared.input_ids)
@@ -81,7 +82,8 @@ def generate(
     seed: int = DEFAULTS.seed,
 ):
     """Stream the model's reply to `prompt`. mode: "Assistant reply" or "Continue text"; temperature 0 = greedy."""
-    prepared, settings = prepare(prompt, mode, locals())
+    prepared, settings = prepare(prompt, mode, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 no_repeat_ngram_size, seed)  # fmt: skip
     yield from engine.stream(prepared, settings)
 
 
@@ -98,7 +100,8 @@ def compare(
     seed: int = DEFAULTS.seed,
 ):
     """Stream the DPO model's and the reference's replies (same settings and seed), then their implicit rewards."""
-    prepared, settings = prepare(prompt, MODE_REPLY, locals())
+    prepared, settings = prepare(prompt, MODE_REPLY, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+                                 no_repeat_ngram_size, seed)  # fmt: skip
     policy_text = reference_text = ""
     for policy_text in engine.stream(prepared, settings):
         yield policy_text, "", None, None
@@ -114,8 +117,8 @@ def compare(
 @user_errors
 def judge(prompt, response_a, response_b):
     """Which reply the DPO model prefers: the implicit reward of each and their margin."""
-    serving.check_text("response A", response_a)
-    serving.check_text("response B", response_b)
+    check_text("response A", response_a)
+    check_text("response B", response_b)
     ids = engine.prepare(prompt, MODE_REPLY, max_new_tokens=0).input_ids
     reward_a, reward_b = (engine.implicit_reward(ids, r) for r in (response_a, response_b))
     winner = "A" if reward_a >= reward_b else "B"
@@ -128,17 +131,27 @@ def info() -> dict:
     return {**engine.info(), "model": name, "metrics": shipped.held_out_metrics(engine.policy.name)}
 
 
-def settings_controls():
-    d = DEFAULTS
-    return [
-        gr.Slider(1, 1024, d.max_new_tokens, step=1, precision=0, label="Max new tokens"),
-        gr.Slider(0.0, 2.0, d.temperature, step=0.05, label="Temperature (0 = greedy)"),
-        gr.Slider(0.01, 1.0, d.top_p, step=0.01, label="Top-p"),
-        gr.Slider(0, 200, d.top_k, step=1, precision=0, label="Top-k (0 = off)"),
-        gr.Slider(1.0, 2.0, d.repetition_penalty, step=0.05, label="Repetition penalty"),
-        gr.Slider(0, 10, d.no_repeat_ngram_size, step=1, precision=0, label="No-repeat n-gram size (0 = off)"),
-        gr.Number(d.seed, precision=0, minimum=0, label="Seed"),
-    ]
+CONTROLS = {  # label and slider step of each sampling setting; the ranges are GenerationSettings.RANGES
+    "max_new_tokens": ("Max new tokens", 1),
+    "temperature": ("Temperature (0 = greedy)", 0.05),
+    "top_p": ("Top-p", 0.01),
+    "top_k": ("Top-k (0 = off)", 1),
+    "repetition_penalty": ("Repetition penalty", 0.05),
+    "no_repeat_ngram_size": ("No-repeat n-gram size (0 = off)", 1),
+    "seed": ("Seed", None),
+}
+
+
+def settings_controls() -> list:
+    controls = []
+    for name, (label, step) in CONTROLS.items():
+        limits, value = GenerationSettings.RANGES[name], getattr(DEFAULTS, name)
+        precision = 0 if limits.integer else None
+        if step is None:  # the seed: a number box, its range too wide for a slider
+            controls.append(gr.Number(value, precision=0, minimum=limits.low, maximum=limits.high, label=label))
+        else:
+            controls.append(gr.Slider(limits.low, limits.high, value, step=step, precision=precision, label=label))
+    return controls
 
 
 def build_ui() -> gr.Blocks:
@@ -148,7 +161,7 @@ def build_ui() -> gr.Blocks:
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(label="Prompt", lines=4, max_length=serving.MAX_PROMPT_CHARS)
+                    prompt = gr.Textbox(label="Prompt", lines=4, max_length=MAX_PROMPT_CHARS)
                     mode = gr.Radio([MODE_REPLY, MODE_CONTINUE], value=MODE_REPLY, label="Mode")
                     with gr.Row():
                         go, stop, clear = (
@@ -165,7 +178,7 @@ def build_ui() -> gr.Blocks:
             stop.click(None, cancels=[event])
             clear.click(lambda: ("", ""), None, [prompt, output], api_visibility="private")
         with gr.Tab("Compare"):
-            c_prompt = gr.Textbox(label="Prompt", lines=3, max_length=serving.MAX_PROMPT_CHARS)
+            c_prompt = gr.Textbox(label="Prompt", lines=3, max_length=MAX_PROMPT_CHARS)
             with gr.Row():
                 c_go, c_stop = gr.Button("Compare", variant="primary"), gr.Button("Stop")
             with gr.Accordion("Sampling", open=False):
@@ -182,10 +195,10 @@ def build_ui() -> gr.Blocks:
             c_stop.click(None, cancels=[c_event])
             gr.Examples(EXAMPLES, inputs=c_prompt)
         with gr.Tab("Judge"):
-            j_prompt = gr.Textbox(label="Prompt", lines=2, max_length=serving.MAX_PROMPT_CHARS)
+            j_prompt = gr.Textbox(label="Prompt", lines=2, max_length=MAX_PROMPT_CHARS)
             with gr.Row():
-                j_a = gr.Textbox(label="Response A", lines=4, max_length=serving.MAX_PROMPT_CHARS)
-                j_b = gr.Textbox(label="Response B", lines=4, max_length=serving.MAX_PROMPT_CHARS)
+                j_a = gr.Textbox(label="Response A", lines=4, max_length=MAX_PROMPT_CHARS)
+                j_b = gr.Textbox(label="Response B", lines=4, max_length=MAX_PROMPT_CHARS)
             j_go = gr.Button("Judge", variant="primary")
             j_verdict = gr.Textbox(label="Verdict", interactive=False)
             with gr.Row():
@@ -218,32 +231,25 @@ def main() -> None:
     from fastapi.exceptions import RequestValidationError
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    settings = SpaceSettings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get("MODEL_ID", DEFAULT_MODEL_ID))
-    parser.add_argument("--ref-model", default=os.environ.get("REF_MODEL_ID"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--model", default=settings.model_id)
+    parser.add_argument("--ref-model", default=settings.ref_model_id)
+    parser.add_argument("--port", type=int, default=settings.server_port)
     args = parser.parse_args()
-    env = os.environ.get
-    engine = Engine.load(args.model, args.ref_model, dtype=env("DTYPE", "auto"), decoder=env("DECODER", "auto"),
-                         compile=env("DECODER_COMPILE", "1") == "1")  # fmt: skip
+    engine = Engine.load(args.model, args.ref_model, settings.engine)
     demo = build_ui()
     # Gradio keeps timing records of the last 10,000 events by default: memory that grows with traffic.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
-    demo.queue(
-        max_size=int(os.environ.get("QUEUE_MAX_SIZE", "16")),
-        # as many requests at once as the engine batches together (MAX_BATCH); more wait in the queue
-        default_concurrency_limit=int(os.environ.get("CONCURRENCY", engine.max_batch)),
-    )
+    demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.concurrency)
     demo.launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        server_name=settings.server_name,
         server_port=args.port,
         allowed_paths=[str(p) for p in shipped.plots(args.model)],  # the plots, not the weights beside them
         show_error=True,
-        # Gradio keeps per-session data for this many sessions (default 10,000); our endpoints are stateless,
-        # so a small cap keeps the server's memory flat under many short-lived clients.
-        state_session_capacity=int(os.environ.get("STATE_SESSION_CAPACITY", "64")),
+        state_session_capacity=settings.state_session_capacity,
         theme=gr.themes.Soft(),
-        app_kwargs={"exception_handlers": {RequestValidationError: serving.malformed_request}},
+        app_kwargs={"exception_handlers": {RequestValidationError: malformed_request}},
     )
 
 

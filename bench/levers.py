@@ -63,7 +63,7 @@ def decode(model, tokenizer, new_tokens: int, lever: dict, repeats: int) -> dict
 
 def decode_with_decoder(model, tokenizer, new_tokens: int, lever: dict, repeats: int) -> dict:
     """The Space's decoder: prefill, then one ``decode`` call a token, greedy."""
-    from dpo_space.decoder import LlamaDecoder
+    from dpo_space.cpu.decoder import LlamaDecoder
 
     decoder = LlamaDecoder(model, lever["decoder"], max_rows=1)
     compile_s = decoder.compile() if lever.get("compile") else 0.0

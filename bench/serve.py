@@ -64,7 +64,7 @@ def project_path(engine, prompt: str, new_tokens: int) -> dict:
     started = time.perf_counter()
     ttft, n = engine_user(engine, prompt, new_tokens)
     end = time.perf_counter()
-    idle = engine.batcher.thread
+    idle = engine.scheduler.thread
     if idle:  # its thread ends when idle, and its OpenMP team with it: the next path runs alone
         idle.join()
     return {"ttft_s": ttft, "decode_tok_s": (n - 1) / max(end - started - ttft, 1e-9), "tokens": n}
@@ -116,7 +116,7 @@ def http_user(client, tokenizer, prompt: str, new_tokens: int):
 
 def engine_user(engine, prompt: str, new_tokens: int):
     """A user calling the engine in-process: (time to first token, tokens received)."""
-    from dpo_space.serving import MODE_CONTINUE, GenerationSettings
+    from dpo_space.inputs import MODE_CONTINUE, GenerationSettings
 
     settings = GenerationSettings.validated(max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                                             repetition_penalty=1.0, no_repeat_ngram_size=0, seed=0)  # fmt: skip
@@ -155,7 +155,7 @@ def batch_paths(loaded, engine, prompts: list[str], new_tokens: int) -> list[dic
     """The same prompts at once: padded ``generate``, the project's batcher, transformers' continuous batching."""
     from transformers import GenerationConfig
 
-    from dpo_space.serving import in_own_thread
+    from dpo_space.engine import in_own_thread
 
     tokenizer, model = loaded.tokenizer, loaded.model
     rows = []
@@ -203,14 +203,15 @@ def main() -> None:
 
     import torch
 
+    from dpo_space.engine import Engine, in_own_thread
     from dpo_space.models import load_model, load_tokenizer
-    from dpo_space.serving import Engine, in_own_thread
+    from dpo_space.settings import EngineSettings
     from tests.server import running_app, wait_until_compiled
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baseline = in_own_thread(load_model, args.model, dtype=torch.float32, device=device)
-    engine = Engine.load(args.model, compile=True)  # the Space's default: compiles in the background
-    eager = Engine(engine.policy, engine.reference, beta=engine.beta, max_input_tokens=engine.max_input_tokens)
+    engine = Engine.load(args.model, settings=EngineSettings(compile=True))  # the Space default: compiles meanwhile
+    eager = Engine(engine.policy, engine.reference, beta=engine.beta)
     engine.compiling.join()
     if not engine.compiled.is_set():
         raise SystemExit("compiling the decoder failed (see the log above)")

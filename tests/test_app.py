@@ -26,9 +26,10 @@ def client(app):
 
 @pytest.fixture(scope="module")
 def engine(tiny_adapter):
-    from dpo_space.serving import Engine
+    from dpo_space.engine import Engine
+    from dpo_space.settings import EngineSettings
 
-    return Engine.load(tiny_adapter, decoder="fp32")
+    return Engine.load(tiny_adapter, settings=EngineSettings(decoder="fp32"))
 
 
 def test_binds_loopback_and_documents_stable_endpoints(app, client):

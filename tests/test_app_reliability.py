@@ -26,7 +26,7 @@ def forward(self, input_ids=None, *args, **kwargs):
         raise RuntimeError("injected fault in forward")
     return _forward(self, input_ids, *args, **kwargs)
 LlamaForCausalLM.forward = forward
-from dpo_space.decoder import LlamaDecoder
+from dpo_space.cpu.decoder import LlamaDecoder
 _prefill_rows = LlamaDecoder.prefill_rows
 def prefill_rows(self, prompts):
     if any(_crash_ids <= set(token_ids) for token_ids in prompts):

@@ -8,8 +8,10 @@ import threading
 
 import torch
 
-from dpo_space.batching import END, DecoderBatcher, Request
-from dpo_space.serving import GenerationSettings
+from dpo_space.cpu.backend import DecoderBackend
+from dpo_space.inputs import GenerationSettings
+from dpo_space.request import Phase, Request
+from dpo_space.scheduler import Scheduler
 
 VOCAB, EOS = 100, 99
 
@@ -20,6 +22,7 @@ class ScriptedDecoder:
     def __init__(self, between_steps=lambda step: None):
         self.rows: list[int] = []
         self.steps = 0
+        self.widths: list[int] = []  # rows decoded at each step
         self.between_steps = between_steps
 
     def reset(self):
@@ -37,6 +40,7 @@ class ScriptedDecoder:
     def decode(self, tokens):
         assert len(tokens) == len(self.rows), "one token per live cache row"
         self.steps += 1
+        self.widths.append(len(tokens))
         self.between_steps(self.steps)
         self.rows = list(tokens)
         return self._logits(tokens)
@@ -54,20 +58,25 @@ def request(first_token: int, max_new_tokens: int) -> Request:
     return Request([1, first_token], settings, use_reference=False)
 
 
-def run(decoder: ScriptedDecoder, first: list[Request], max_batch: int = 4) -> DecoderBatcher:
-    batcher = DecoderBatcher(lambda use_reference: decoder, threading.Lock(), 0, [EOS], max_batch, wait_s=0.0)
+def scheduler_for(decoder: ScriptedDecoder, max_batch: int = 4) -> Scheduler:
+    return Scheduler(DecoderBackend(lambda use_reference: decoder, threading.Lock(), [EOS]), max_batch, wait_s=0.0)
+
+
+def run(decoder: ScriptedDecoder, first: list[Request], max_batch: int = 4) -> Scheduler:
+    scheduler = scheduler_for(decoder, max_batch)
     for each in first:
-        batcher.submit(each)
+        scheduler.submit(each)
     for each in first:
-        assert each.finished.wait(10), "the scheduler finished every request"
-    return batcher
+        assert each.wait_finished(10), "the scheduler finished every request"
+    return scheduler
+
+
+END = "end"
 
 
 def streamed(req: Request) -> list:
-    items = []
-    while not req.tokens.empty():
-        items.append(req.tokens.get_nowait())
-    return items
+    """The tokens it produced, then END once the model is done with it."""
+    return [*req.generated, *([END] if req.phase is Phase.FINISHED and req.error is None else [])]
 
 
 def test_rows_decode_together_and_each_ends_at_its_budget_or_eos():
@@ -80,33 +89,62 @@ def test_rows_decode_together_and_each_ends_at_its_budget_or_eos():
 
 def test_stop_ends_its_row_at_the_next_step_and_the_others_go_on():
     stopped, other = request(10, 50), request(40, 8)
-    decoder = ScriptedDecoder(lambda step: step == 3 and stopped.stop.set())
+    decoder = ScriptedDecoder(lambda step: step == 3 and stopped.stop())
     run(decoder, [stopped, other])
     assert streamed(stopped) == [11, 12, 13, END]  # the token of step 3 is not streamed: it was asked to stop
     assert streamed(other) == [41, 42, 43, 44, 45, 46, 47, 48, END]
-    assert decoder.steps == 7 and decoder.rows == []  # the stopped row left its cache row at once
+    assert decoder.widths == [2, 2, 2, 1, 1, 1, 1]  # the stopped row left its cache row after step 3
 
 
 def test_an_arrival_joins_the_running_rows_at_the_next_step():
     first, late = request(10, 6), request(60, 3)
-    batcher = None
+    scheduler = None
 
     def arrive(step):
         if step == 2:
-            batcher.submit(late)
+            scheduler.submit(late)
 
     decoder = ScriptedDecoder(arrive)
-    batcher = DecoderBatcher(lambda use_reference: decoder, threading.Lock(), 0, [EOS], 4, wait_s=0.0)
-    batcher.submit(first)
-    assert first.finished.wait(10) and late.finished.wait(10)
+    scheduler = scheduler_for(decoder)
+    scheduler.submit(first)
+    assert first.wait_finished(10) and late.wait_finished(10)
     assert streamed(first) == [11, 12, 13, 14, 15, 16, END]
     assert streamed(late) == [61, 62, 63, END]
-    assert batcher.batch_sizes == [1, 2]  # one batch: the arrival joined it, nothing restarted
+    assert scheduler.batch_sizes == [1, 2]  # one batch: the arrival joined it, nothing restarted
     assert decoder.steps == 5  # 6 tokens of the first row: 1 from its prefill, 5 decode steps
 
 
 def test_a_full_batch_makes_arrivals_wait_for_a_free_row():
     rows = [request(10 * i, 4) for i in range(1, 4)]
-    batcher = run(ScriptedDecoder(), rows, max_batch=2)
+    scheduler = run(ScriptedDecoder(), rows, max_batch=2)
     assert [streamed(r) for r in rows] == [[11, 12, 13, 14, END], [21, 22, 23, 24, END], [31, 32, 33, 34, END]]
-    assert max(batcher.batch_sizes) == 2
+    assert max(scheduler.batch_sizes) == 2
+
+
+def test_a_failing_model_fails_every_request_of_its_batch_and_the_next_batch_runs():
+    def explode(step):
+        if step == 2:
+            raise RuntimeError("the model broke")
+
+    doomed = [request(10, 8), request(20, 8)]
+    scheduler = run(ScriptedDecoder(explode), doomed)
+    assert all(isinstance(r.error, RuntimeError) and r.finished for r in doomed)
+    after = request(30, 2)
+    scheduler.backend.decoder_for = lambda use_reference: ScriptedDecoder()
+    scheduler.submit(after)
+    assert after.wait_finished(10) and streamed(after) == [31, 32, END]
+
+
+def test_a_request_stopped_while_waiting_leaves_the_queue_without_running():
+    running, waiting = request(10, 5), request(40, 4)
+    scheduler = None
+
+    def stop_the_waiting_one(step):
+        if step == 1:
+            scheduler.submit(waiting)  # the batch is full (one row): it waits
+            scheduler.withdraw(waiting)  # Stop before any batch took it
+
+    scheduler = scheduler_for(ScriptedDecoder(stop_the_waiting_one), max_batch=1)
+    scheduler.submit(running)
+    assert running.wait_finished(10) and streamed(running) == [11, 12, 13, 14, 15, END]
+    assert waiting.finished and waiting.generated == []

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpo_space.decoder import MIN_CACHE, RESCORED, LlamaDecoder, PackedLinear, supports
+from dpo_space.cpu.decoder import MIN_CACHE, RESCORED, LlamaDecoder, PackedLinear, supports
 from tests.conftest import FIXTURE_HH
 
 

@@ -33,11 +33,11 @@ def test_the_card_states_data_base_weights_and_the_held_out_numbers():
 
 
 def test_the_default_engine_serves_the_adapter_over_one_copy_of_the_base():
-    import app
-    from dpo_space.serving import Engine
+    from dpo_space.engine import Engine
+    from dpo_space.settings import DEFAULT_MODEL_ID
 
-    assert Path(app.DEFAULT_MODEL_ID) == SHIPPED
-    engine = Engine.load(app.DEFAULT_MODEL_ID)
+    assert Path(DEFAULT_MODEL_ID) == SHIPPED
+    engine = Engine.load(DEFAULT_MODEL_ID)
     assert engine.policy.is_adapter and engine.policy.base == "embedded"
     assert engine.reference is None and engine.reference_label == "embedded (adapter disabled)"
     model = engine.policy.model

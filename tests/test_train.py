@@ -183,12 +183,13 @@ def test_accelerate_configs_load(name):
 
 
 def test_completion_logits_only_gives_the_same_log_probs_from_the_completion_rows(tiny_path, monkeypatch):
-    """train/speed.py: TRL's fused LM head then projects only the labelled (completion) positions on the CPU."""
+    """train/speed.py: TRL's fused LM head then projects only the labelled (completion) positions on the CPU, and
+    only within ``completions_only_lm_head()``."""
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
     from trl.kernels.chunked_logprob import _use_triton
 
-    from train.speed import score_completions_only
+    from train.speed import completions_only_lm_head
 
     projected = []
     chunked = trl_utils._ChunkedLogProbFunction
@@ -200,16 +201,17 @@ def test_completion_logits_only_gives_the_same_log_probs_from_the_completion_row
             return chunked.apply(hidden, *args)
 
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Counting)
-    monkeypatch.setattr(trl_utils, "_use_triton", _use_triton)  # TRL's own (an earlier training run patched it)
     model = AutoModelForCausalLM.from_pretrained(tiny_path).eval()
     trl_utils.add_fused_lm_head(model)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
     labels = ids.masked_fill(torch.arange(8) < 5, -100)  # a 5-token prompt, a 3-token completion
     with torch.no_grad():
         every = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-        score_completions_only()
-        compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
-    assert projected == [7, 3]  # all 7 shifted positions, then the 3 labelled ones
+        with completions_only_lm_head():
+            compact = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert projected == [7, 3, 7]  # all 7 shifted positions, the 3 labelled ones, then all 7 again after it
+    assert trl_utils._use_triton is _use_triton  # TRL's own, back
     assert torch.allclose(every, compact, atol=1e-5) and every[0, 4:].abs().min() > 0
 
 
@@ -252,7 +254,7 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(tiny_path, build):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.utils import add_fused_lm_head
 
-    from train.speed import pair_batches, share_prompts
+    from train.speed import pairs_packed
 
     model = build(tiny_path).float().eval()  # no dropout: the same numbers twice
     add_fused_lm_head(model)
@@ -271,11 +273,10 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(tiny_path, build):
         return log_probs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     alone, alone_grads = log_probs_and_grads()
-    share_prompts(model)
-    packed, packed_grads = log_probs_and_grads()  # outside pair_batches(): unchanged
-    assert torch.equal(alone, packed)
-    with pair_batches():
+    with pairs_packed(model):
         packed, packed_grads = log_probs_and_grads()
+    after, _ = log_probs_and_grads()  # the hooks are gone: computed as before
+    assert torch.equal(alone, after)
     assert torch.allclose(alone, packed, atol=1e-5) and (alone != 0).sum() == 11  # the 11 reply tokens
     assert len(alone_grads) == len(packed_grads) > 0
     for a, b in zip(alone_grads, packed_grads, strict=True):

@@ -77,20 +77,21 @@ def behaviour_section(run_dir: Path) -> str:
 
 
 def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
+    import yaml
     from huggingface_hub import ModelCard, ModelCardData
 
-    config_text = (run_dir / "run_config.yaml").read_text() if (run_dir / "run_config.yaml").is_file() else ""
-    import yaml
+    from dpo_space.run_record import RunRecord
 
-    config = yaml.safe_load(config_text) if config_text else {}
-    base = (config.get("model") or {}).get("model_name_or_path", "unknown")
+    record = RunRecord.read(run_dir)
+    base = record.base if record else "unknown"
     base_id = EMBEDDED_HUB_ID if base == EMBEDDED else base
-    dataset = (config.get("script") or {}).get("dataset_name", HH_DATASET)
+    dataset = record.dataset if record else HH_DATASET
     is_adapter = (run_dir / "adapter_config.json").is_file()
     metrics = card_metrics(run_dir)
     evaluation = _read_json(run_dir / "eval" / "eval_results.json")
     plots = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.glob("report/*.png"))
-    helpful = (config.get("script") or {}).get("helpful_dataset_name")
+    helpful = record.helpful_dataset if record else None
+    training_args = record.sections["training"] if record else {}
 
     data = ModelCardData(
         base_model=base_id,
@@ -102,7 +103,7 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     )
     metric_rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                             for k, v in metrics.items())  # fmt: skip
-    hub_id = (config.get("training") or {}).get("hub_model_id")
+    hub_id = training_args.get("hub_model_id")
     load = (
         f'from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained("{hub_id}")'
         if hub_id and base != EMBEDDED
@@ -113,7 +114,7 @@ def build_card(run_dir: Path, space: str = DEFAULT_SPACE):
     training = _read_json(run_dir / "train_results.json")
     source = " (a 2,000-pair sample of Anthropic's HH-RLHF harmless-base **test** file, MIT)" if (
         "harmless-base-test" in str(dataset)) else ""  # fmt: skip
-    seed = (config.get("training") or {}).get("seed", "?")
+    seed = training_args.get("seed", "?")
     helpful_text = (f", mixed with unanimous human verdicts of PandaLM's test set (`{Path(helpful).name}`, "
                     f"everyday helpful tasks, Apache-2.0)") if helpful else ""  # fmt: skip
     helpful_held = (f", and on {evaluation['helpful']['pairs']} held-out PandaLM pairs"
@@ -154,7 +155,7 @@ metrics below are on {held_out} pairs of the same file that training never saw (
 ## Recipe
 
 ```yaml
-{config_text.strip()}
+{yaml.safe_dump(record.sections, sort_keys=False).strip() if record else "# no run_config.yaml"}
 ```
 
 ## Usage

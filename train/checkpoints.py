@@ -1,13 +1,17 @@
 """Checkpoints that are never half-written and loadable.
 
-The Trainer writes ``checkpoint-N`` in place. ``CheckpointSafety`` marks the folder ``.incomplete`` before
-the Trainer writes anything into it and removes the mark only after the last file (``trainer_state.json``),
-so a run killed while saving leaves a folder that resuming and loading refuse.
+The Trainer writes ``checkpoint-N`` in place. ``CheckpointMarks``, a ``TrainerCallback``, marks the folder
+``.incomplete`` before the Trainer writes anything into it (``on_step_end``/``on_epoch_end``, when the Trainer is
+about to save) and removes the mark only in ``on_save``, after the last file (``trainer_state.json``), so a run
+killed while saving leaves a folder that resuming and loading refuse.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from accelerate import PartialState
+from transformers import TrainerCallback
 
 from dpo_space.models import INCOMPLETE_MARKER as INCOMPLETE
 
@@ -49,21 +53,26 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def checkpoint_safe(trainer_class):
-    """A subclass of ``trainer_class`` whose checkpoints carry the ``.incomplete`` mark while being written."""
+class CheckpointMarks(TrainerCallback):
+    """Marks each checkpoint folder ``.incomplete`` while the Trainer writes it (every rank waits for the mark
+    before writing, and for every other rank before it is removed)."""
 
-    class CheckpointSafety(trainer_class):
-        def _save_checkpoint(self, model, trial):
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX}{self.state.global_step}"
-            main = self.is_world_process_zero()  # one process marks; every rank writes its part in between
-            if main:
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / INCOMPLETE).write_text("being written; not loadable\n")
-            self.accelerator.wait_for_everyone()
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()
-            if main:
-                (folder / INCOMPLETE).unlink()
+    def _mark_if_saving(self, args, state, control):
+        if not control.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
+        if state.is_world_process_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / INCOMPLETE).write_text("being written; not loadable\n")
+        PartialState().wait_for_everyone()
 
-    CheckpointSafety.__name__ = f"CheckpointSafe{trainer_class.__name__}"
-    return CheckpointSafety
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark_if_saving(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._mark_if_saving(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"{PREFIX}{state.global_step}" / INCOMPLETE).unlink(missing_ok=True)

@@ -175,15 +175,10 @@ def portable(arg: str) -> str:
 
 def write_run_config(output_dir: str, script_args, training_args, model_args, argv: list[str]) -> None:
     """The run's settings, and its command as run from the repository's root (no path of this machine)."""
-    import yaml
+    from dpo_space.run_record import RunRecord
 
-    config = {
-        "script": asdict(script_args),
-        "model": asdict(model_args),
-        "training": training_args.to_dict(),
-        "command": shlex.join(["python", "-m", "train.dpo", *map(portable, argv)]),
-    }
-    (Path(output_dir) / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command = shlex.join(["python", "-m", "train.dpo", *map(portable, argv)])
+    RunRecord.write(output_dir, asdict(script_args), asdict(model_args), training_args.to_dict(), command)
 
 
 def record_adapter_base(output_dir: str, base_name: str) -> None:
@@ -213,9 +208,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from dpo_space.models import load_causal_lm, load_tokenizer
     from train.card import write_card
-    from train.checkpoints import checkpoint_safe, resolve_resume
+    from train.checkpoints import CheckpointMarks, resolve_resume
     from train.report import write_report
-    from train.speed import score_completions_only, sharing_prompts
+    from train.speed import fast_dpo_trainer
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
     name = model_args.model_name_or_path
@@ -223,8 +218,6 @@ def main(argv: list[str] | None = None) -> None:
     train_dataset, eval_dataset = load_pairs(script_args, tokenizer, training_args.seed)
     logger.info("Pairs: %d train, %d eval", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
 
-    if script_args.completion_logits_only:
-        score_completions_only()
     model = load_causal_lm(name, dtype=model_args.dtype)
     peft_config = get_peft_config(model_args)
     if script_args.lora_top_layers is not None:
@@ -233,8 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    trainer_class = sharing_prompts(DPOTrainer) if script_args.share_prompts else DPOTrainer
-    trainer = checkpoint_safe(trainer_class)(
+    trainer = fast_dpo_trainer(DPOTrainer)(
+        share_prompts=script_args.share_prompts,
+        completions_only=script_args.completion_logits_only,
+        callbacks=[CheckpointMarks()],
         model=model,
         ref_model=ref_model,
         args=training_args,

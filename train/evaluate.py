@@ -103,7 +103,7 @@ SAMPLED = {"temperature": 0.7, "top_p": 0.9}  # the issue's sampled setting; no 
 
 def generation_settings(decoding: str, max_new_tokens: int, seed: int):
     """The Space's ``GenerationSettings`` for plain greedy or plain nucleus sampling (no penalties)."""
-    from dpo_space.serving import GenerationSettings
+    from dpo_space.inputs import GenerationSettings
 
     sampling = SAMPLED if decoding == "sampled" else {"temperature": 0.0, "top_p": 1.0}
     return GenerationSettings(max_new_tokens=max_new_tokens, top_k=0, repetition_penalty=1.0,
@@ -116,23 +116,17 @@ def generate_replies(engine, prompts: list[str], decoding: str, use_reference: b
     its own seed ``seed + i``). Each reply: ``text`` and ``tokens`` (EOS not counted)."""
     from dataclasses import replace
 
-    from dpo_space.batching import Request
-
     settings = generation_settings(decoding, max_new_tokens, seed)
     tok = engine.tokenizer
     requests = []
     for i, prompt in enumerate(prompts):
         ids = tok(prompt, add_special_tokens=False)["input_ids"][-engine.max_input_tokens :]
-        requests.append(Request(ids, replace(settings, seed=seed + i), use_reference))
-    for request in requests:
-        engine.batcher.submit(request)
+        requests.append(engine.submit(ids, replace(settings, seed=seed + i), use_reference, stream=False))
     replies = []
     for request in requests:
-        request.finished.wait()
-        while not request.tokens.empty():
-            item = request.tokens.get_nowait()
-            if isinstance(item, BaseException):
-                raise RuntimeError(f"generation failed: {item!r}") from item
+        request.wait_finished()
+        if request.error is not None:
+            raise RuntimeError(f"generation failed: {request.error!r}") from request.error
         replies.append({"text": tok.decode(request.generated, skip_special_tokens=True).strip(),
                         "tokens": len(request.generated)})  # fmt: skip
     return replies
@@ -381,11 +375,13 @@ def main(argv=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
 
-    from dpo_space.serving import Engine, recorded_beta
+    from dpo_space.engine import Engine
+    from dpo_space.run_record import recorded_beta
+    from dpo_space.settings import EngineSettings
     from train.behaviour import read_xstest, targets, xstest_subset
     from train.model_report import write_model_report
 
-    engine = Engine.load(args.model, args.ref, dtype=args.dtype, decoder=args.decoder)
+    engine = Engine.load(args.model, args.ref, EngineSettings(dtype=args.dtype, decoder=args.decoder))
     loaded, reference = engine.policy, engine.reference
     beta = args.beta if args.beta is not None else recorded_beta(args.model)
 

@@ -1,33 +1,13 @@
-"""Training speed levers that TRL does not expose as options."""
+"""Training speed levers that TRL does not expose as options, as a ``DPOTrainer`` subclass (``FastDPOTrainer``).
+
+Both change how a batch is computed, never what: the log-probabilities and gradients are the same
+(``tests/test_train.py`` checks both). Both are switched on only while the trainer's own forward passes run and
+undone after, so nothing outside the trainer sees a changed model or library.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import threading
-
-
-def score_completions_only() -> None:
-    """Make TRL's fused LM head project only the positions that carry a label (the completions) on every device.
-
-    TRL's DPO forward (``fused_lm_head=True``) compacts the hidden states to the labelled positions only on
-    CUDA/XPU; elsewhere it projects every position through the 49k-word head, prompt tokens included, to keep
-    tile shapes fixed for compilers that need that (Neuron). An eager CPU run has no such need, and an HH prompt
-    is most of its pair's tokens. The log-probabilities are the same; ``tests/test_train.py`` checks both.
-    """
-    import trl.trainer.utils as trl_utils
-
-    if getattr(trl_utils._use_triton, "completions_only", False):
-        return
-    original = trl_utils._use_triton  # read by the fused forward only, to choose compacting
-
-    def compact_on_cpu_too(device) -> bool:
-        return device.type == "cpu" or original(device)
-
-    compact_on_cpu_too.completions_only = True
-    trl_utils._use_triton = compact_on_cpu_too
-
-
-_PAIRS = threading.local()  # set while a trainer computes log-probs of a batch in TRL's pair layout
 
 
 def pack_pairs(input_ids, attention_mask):
@@ -73,63 +53,105 @@ def pack_pairs(input_ids, attention_mask):
     return ids, positions, mask, index
 
 
+def backbone_of(causal_lm):
+    """The transformer under a ``*ForCausalLM`` (before or after PEFT wraps it)."""
+    return causal_lm.get_base_model().base_model if hasattr(causal_lm, "get_base_model") else causal_lm.base_model
+
+
 @contextlib.contextmanager
-def pair_batches():
-    """Within it, backbones patched by ``share_prompts`` take their batches as pairs (``pack_pairs``)."""
-    _PAIRS.active = True
-    try:
-        yield
-    finally:
-        _PAIRS.active = False
-
-
-def share_prompts(causal_lm) -> None:
-    """Run each DPO pair's shared prefix once through ``causal_lm`` (a ``*ForCausalLM``, before or after PEFT wraps
-    it): within ``pair_batches()``, its backbone packs the batch (``pack_pairs``) and unpacks the hidden states.
+def pairs_packed(causal_lm):
+    """Within it, ``causal_lm``'s backbone runs each DPO pair's shared prefix once: forward hooks pack the batch
+    (``pack_pairs``) on the way in and unpack the hidden states on the way out; leaving removes the hooks.
 
     An HH pair repeats a whole dialogue, most of its tokens, in the chosen and the rejected sequence, and TRL pads
-    the shorter one to the longer; packed, a pair costs its prompt once and no padding. The log-probs are the
-    same (``tests/test_train.py`` compares them and their gradients). Needs a model that takes ``position_ids``
-    and a 4-D boolean attention mask, as transformers' Llama and GPT-2 do."""
-    backbone = causal_lm.get_base_model().base_model if hasattr(causal_lm, "get_base_model") else causal_lm.base_model
-    if getattr(backbone.forward, "shares_prompts", False):
-        return
-    original = backbone.forward
+    the shorter one to the longer; packed, a pair costs its prompt once and no padding. Needs a model that takes
+    ``position_ids`` and a 4-D boolean attention mask, as transformers' Llama and GPT-2 do."""
+    backbone = backbone_of(causal_lm)
+    unpack_index = []  # pack's index for the call under way, read back by unpack
 
-    def forward(input_ids=None, attention_mask=None, **kwargs):
-        if not getattr(_PAIRS, "active", False):
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def pack(module, args, kwargs):
+        input_ids, attention_mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
         if input_ids is None or attention_mask is None or kwargs.get("position_ids") is not None:
             raise ValueError("sharing prompts needs input_ids and a 2-D attention mask, without position_ids")
         ids, positions, mask, index = pack_pairs(input_ids.cpu(), attention_mask.cpu())
         device = input_ids.device
-        out = original(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       **kwargs)  # fmt: skip
-        hidden = out.last_hidden_state
-        out.last_hidden_state = hidden.reshape(-1, hidden.shape[-1])[index.to(device)]
-        return out
+        unpack_index.append(index.to(device))
+        return (), {**kwargs, "input_ids": ids.to(device), "attention_mask": mask.to(device),
+                    "position_ids": positions.to(device)}  # fmt: skip
 
-    forward.shares_prompts = True
-    backbone.forward = forward
+    def unpack(module, args, kwargs, output):
+        hidden = output.last_hidden_state
+        output.last_hidden_state = hidden.reshape(-1, hidden.shape[-1])[unpack_index.pop()]
+        return output
+
+    handles = [backbone.register_forward_pre_hook(pack, with_kwargs=True),
+               backbone.register_forward_hook(unpack, with_kwargs=True)]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
-def sharing_prompts(trainer_class):
-    """A subclass of TRL's ``DPOTrainer`` (or of a subclass of it) that shares prompts (``share_prompts``) in its
-    policy and its reference, and whose log-prob passes take their batches as pairs."""
+@contextlib.contextmanager
+def completions_only_lm_head():
+    """Within it, TRL's fused LM head projects only the positions that carry a label (the completions), on every
+    device; leaving restores TRL's choice.
 
-    class PromptSharing(trainer_class):
-        def __init__(self, *args, model=None, ref_model=None, **kwargs):
-            for each in (model, ref_model):
-                if each is not None:  # before TRL's __init__, which may precompute the reference's log-probs
-                    share_prompts(each)
-            super().__init__(*args, model=model, ref_model=ref_model, **kwargs)
+    TRL's DPO forward (``fused_lm_head=True``) compacts the hidden states to the labelled positions only where
+    ``trl.trainer.utils._use_triton`` says so (CUDA/XPU); elsewhere it projects every position through the 49k-word
+    head, prompt tokens included, to keep tile shapes fixed for compilers that need that (Neuron). An eager CPU run
+    has no such need, and an HH prompt is most of its pair's tokens. TRL has no option for it, so this rebinds that
+    one function for the duration (the trainer runs its passes on one thread) and puts TRL's back after.
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def fast_dpo_trainer(trainer_class):
+    """``FastDPOTrainer``: a subclass of ``trainer_class`` (TRL's ``DPOTrainer`` or a subclass of it)."""
+
+    class FastDPOTrainer(trainer_class):
+        """A ``DPOTrainer`` with two speed-ups, each off unless asked for:
+
+        - ``share_prompts``: each pair's shared prefix runs once through the policy and the reference
+          (``pairs_packed``);
+        - ``completions_only``: the LM head projects the completion positions only (``completions_only_lm_head``).
+
+        Overrides ``compute_loss`` and ``compute_ref_log_probs`` (TRL calls the latter from ``__init__`` when it
+        precomputes the reference's log-probs), each wrapped in ``speed_ups()``; nothing else changes."""
+
+        def __init__(self, *args, share_prompts: bool = False, completions_only: bool = False, **kwargs):
+            self.share_prompts, self.completions_only = share_prompts, completions_only  # read during __init__
+            super().__init__(*args, **kwargs)
+
+        @contextlib.contextmanager
+        def speed_ups(self):
+            if getattr(self, "_speeding_up", False):  # already on: a pass inside a pass
+                yield
+                return
+            self._speeding_up = True
+            with contextlib.ExitStack() as stack:
+                stack.callback(setattr, self, "_speeding_up", False)
+                if self.share_prompts:
+                    for model in {id(m): m for m in (self.model, self.ref_model) if m is not None}.values():
+                        stack.enter_context(pairs_packed(self.accelerator.unwrap_model(model)))
+                if self.completions_only:
+                    stack.enter_context(completions_only_lm_head())
+                yield
 
         def compute_loss(self, *args, **kwargs):
-            with pair_batches():
+            with self.speed_ups():
                 return super().compute_loss(*args, **kwargs)
 
         def compute_ref_log_probs(self, *args, **kwargs):
-            with pair_batches():
+            with self.speed_ups():
                 return super().compute_ref_log_probs(*args, **kwargs)
 
-    return PromptSharing
+    return FastDPOTrainer

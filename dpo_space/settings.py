@@ -1,0 +1,101 @@
+"""The Space's settings, read once from the environment into typed, checked values (docs/configuration.md).
+
+``SpaceSettings.from_env()`` is the only place that reads them; a bad value is a ``ValueError`` that names the
+variable and what it accepts. ``EngineSettings`` is the part the model engine needs, so that training's
+evaluation and the benchmarks configure the engine the same way without an environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The project's own DPO model (a LoRA adapter on the embedded SmolLM2-135M-Instruct), shipped in the repository.
+DEFAULT_MODEL_ID = str(Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-dpo-hh-lora")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DECODERS = ("auto", "int4", "fp32", "generate")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (the faster there, and what scoring uses)
+    decoder: str = "auto"  # auto: the int4 CPU decoder where it runs (a Llama on a CPU), else generate
+    compile: bool = False  # compile the CPU decoder's step in the background, serving eagerly meanwhile
+    max_batch: int = 8  # requests decoded together
+    max_input_tokens: int = 1024  # a longer prompt keeps its last tokens
+    stream_interval: float = 0.1  # seconds between a stream's updates: smooth to read, few web-server messages
+    stream_timeout: float = 60.0  # seconds a running request may go without a token before it is an error
+
+
+@dataclass(frozen=True)
+class SpaceSettings:
+    model_id: str = DEFAULT_MODEL_ID
+    ref_model_id: str | None = None  # None: the adapter's base with the adapter off, or the recorded reference
+    engine: EngineSettings = field(default_factory=lambda: EngineSettings(compile=True))  # the Space compiles
+    queue_max_size: int = 16  # requests waiting beyond those running; more are told the Space is busy
+    concurrency: int = 8  # requests Gradio runs at once: as many as the engine batches
+    state_session_capacity: int = 64  # Gradio's per-session records (the endpoints keep no state)
+    server_name: str = "127.0.0.1"
+    server_port: int = 7860
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> SpaceSettings:
+        env = os.environ if env is None else env
+        read = _Reader(env)
+        max_batch = read.integer("MAX_BATCH", 8, low=1)
+        engine = EngineSettings(
+            dtype=read.choice("DTYPE", "auto", DTYPES),
+            decoder=read.choice("DECODER", "auto", DECODERS),
+            compile=read.choice("DECODER_COMPILE", "1", ("0", "1")) == "1",
+            max_batch=max_batch,
+            max_input_tokens=read.integer("MAX_INPUT_TOKENS", 1024, low=1),
+            stream_interval=read.number("STREAM_INTERVAL", 0.1, low=0.0),
+            stream_timeout=read.number("STREAM_TIMEOUT", 60.0, low=0.001),
+        )
+        return cls(
+            model_id=env.get("MODEL_ID") or DEFAULT_MODEL_ID,
+            ref_model_id=env.get("REF_MODEL_ID") or None,
+            engine=engine,
+            queue_max_size=read.integer("QUEUE_MAX_SIZE", 16, low=1),
+            concurrency=read.integer("CONCURRENCY", max_batch, low=1),
+            state_session_capacity=read.integer("STATE_SESSION_CAPACITY", 64, low=1),
+            server_name=env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+            server_port=read.integer("GRADIO_SERVER_PORT", 7860, low=1),
+        )
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def _raw(self, name: str):
+        value = self.env.get(name)
+        return None if value is None or value.strip() == "" else value.strip()
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self._raw(name) or default
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    def integer(self, name: str, default: int, low: int) -> int:
+        value = self._raw(name)
+        try:
+            number = default if value is None else int(value)
+        except ValueError:
+            number = None
+        if number is None or number < low:
+            raise ValueError(f"{name} must be an integer of at least {low}; got {value!r}")
+        return number
+
+    def number(self, name: str, default: float, low: float) -> float:
+        value = self._raw(name)
+        try:
+            number = default if value is None else float(value)
+        except ValueError:
+            number = None
+        if number is None or not number >= low or number == float("inf"):
+            raise ValueError(f"{name} must be a number of at least {low:g}; got {value!r}")
+        return number
