@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench train-smoke clean
+.PHONY: demo test test-fast lint bench train-smoke clean
 
 $(STAMP): requirements.txt requirements-train.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# The inner loop: everything but the tests marked slow (those that train, or start the real app or a browser).
+test-fast: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -m "not slow"
 
 # The speed benchmarks (minutes; tables printed, JSON in bench/results/). llama.cpp joins when llama-cpp-python is
 # installed (a ~7-minute build; a native build died with an illegal instruction here):

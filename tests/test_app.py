@@ -8,6 +8,8 @@ from gradio_client import Client
 
 from tests.server import direct_greedy, running_app, wait_until_compiled
 
+pytestmark = pytest.mark.slow  # starts the real app and calls it over HTTP
+
 GREEDY = dict(max_new_tokens=24, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
               no_repeat_ngram_size=0, seed=7)  # fmt: skip
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from bench.load import run_load
 from tests.server import ROOT, running_app
 
+pytestmark = pytest.mark.slow  # the real app under load, hostile input and a crashing model
+
 SECRET = "hf_neverShowThisToken0123456789abcdef"
 GREEDY = [16, 0.0, 1.0, 0, 1.0, 0, 0]
 CRASH_PREAMBLE = """

@@ -47,6 +47,7 @@ def sweep_dir(tmp_path_factory, tiny_path):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_point_and_skips_finished_ones(sweep_dir):
     first = sweep_dir / "learning_rate=1e-3"
     config = (first / "run_config.yaml").read_text()
@@ -56,6 +57,7 @@ def test_sweep_runs_each_point_and_skips_finished_ones(sweep_dir):
     assert (first / "train_results.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_an_interrupted_point_resumes_from_its_last_checkpoint(sweep_dir, tmp_path):
     out = tmp_path / "sweep"
     shutil.copytree(sweep_dir, out)
@@ -68,6 +70,7 @@ def test_an_interrupted_point_resumes_from_its_last_checkpoint(sweep_dir, tmp_pa
     assert [e["step"] for e in history if "loss" in e] == [1, 2]  # step 1 restored from checkpoint-1
 
 
+@pytest.mark.slow
 def test_report_table_and_plots(sweep_dir, tmp_path):
     from train.report import write_report
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # loads the shipped model on its embedded base
+
 SHIPPED = ROOT / "models" / "smollm2-135m-dpo-hh-lora"
 CARD = (SHIPPED / "README.md").read_text()
 EVAL = json.loads((SHIPPED / "eval" / "eval_results.json").read_text())

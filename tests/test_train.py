@@ -21,6 +21,7 @@ def run_tiny(output_dir: Path, *extra: str) -> dict:
     return json.loads((output_dir / "train_results.json").read_text())
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_trains_and_writes_metrics(tmp_path, tiny_path):
     results = run_tiny(tmp_path)
     assert math.isfinite(results["train_loss"])
@@ -37,6 +38,7 @@ def test_full_fine_tuning_trains_and_writes_metrics(tmp_path, tiny_path):
     assert not list(tmp_path.glob("*.bin")) or [p.name for p in tmp_path.glob("*.bin")] == ["training_args.bin"]
 
 
+@pytest.mark.slow
 def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
     run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -56,6 +58,7 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
 
 
+@pytest.mark.slow
 def test_lora_on_the_top_layers_only_trains_those(tmp_path, tiny_path):
     """--lora_top_layers 1: the adapter holds the last layer's LoRA weights only, and they trained."""
     total = json.loads((Path(tiny_path) / "config.json").read_text())["num_hidden_layers"]
@@ -69,11 +72,13 @@ def test_lora_on_the_top_layers_only_trains_those(tmp_path, tiny_path):
         run_tiny(tmp_path / "full", "--lora_top_layers", "1")
 
 
+@pytest.mark.slow
 def test_precomputed_reference_log_probs_train(tmp_path, tiny_path):
     results = run_tiny(tmp_path, "--precompute_ref_log_probs", "true", "--max_steps", "2")
     assert math.isfinite(results["train_loss"]) and DPO_KEYS <= results.keys()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_step(tmp_path, tiny_path):
     run_tiny(tmp_path, "--max_steps", "2")
     checkpoint = tmp_path / "checkpoint-2"
@@ -102,6 +107,7 @@ def test_original_recipe_keeps_the_original_configuration():
     assert script_args.precision == "auto"  # bf16 as the original recipe, where the machine runs it natively
 
 
+@pytest.mark.slow
 def test_the_mixed_recipe_trains_dpo_with_the_sft_term_on_both_sources(tmp_path, tiny_path):
     results = run_tiny(tmp_path, "--helpful_dataset_name", str(FIXTURE_HH.parent / "pandalm_tiny.json"),
                        "--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "1.0")  # fmt: skip
@@ -121,6 +127,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
         parse_args(["--config", str(recipe)])
 
 
+@pytest.mark.slow
 def test_original_recipe_runs_with_local_model_and_data(tmp_path, tiny_path):
     main(
         [
@@ -151,6 +158,7 @@ def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
     assert loaded.model.config.model_type == "llama" and not loaded.is_adapter
 
 
+@pytest.mark.slow
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path, tiny_path):
     """``torchrun --nproc_per_node 2``: two gloo ranks on the CPU, as DDP would run on two GPUs."""
     import subprocess
@@ -283,6 +291,7 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(tiny_path, build):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_with_shared_prompts_matches_training_without(tmp_path, tiny_path):
     shared = run_tiny(tmp_path / "shared")
     alone = run_tiny(tmp_path / "alone", "--share_prompts", "false")

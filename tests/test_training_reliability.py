@@ -14,6 +14,8 @@ from tests.conftest import FIXTURE_HH, ROOT
 from train.checkpoints import last_complete_checkpoint, resolve_resume
 from train.dpo import main, parse_args
 
+pytestmark = pytest.mark.slow  # trains, kills and resumes real runs
+
 TINY = str(ROOT / "train/recipes/tiny.yaml")
 ARGS = ["--config", TINY, "--dataset_name", str(FIXTURE_HH), "--max_steps", "16", "--save_steps", "2",
         "--learning_rate", "1e-3", "--eval_fraction", "0"]  # fmt: skip
