@@ -11,17 +11,16 @@ override theirs.
 
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 
-import argparse
 import dataclasses
 import functools
 import inspect
-import logging
 import os
 
 import gradio as gr
 
 from dpo_space import shipped
 from dpo_space.api_errors import malformed_request
+from dpo_space.cli import command_parser
 from dpo_space.engine import Engine, GenerationError
 from dpo_space.inputs import MAX_PROMPT_CHARS, MODE_CONTINUE, MODE_REPLY, GenerationSettings, check_text
 from dpo_space.settings import SpaceSettings
@@ -230,9 +229,8 @@ def main() -> None:
     global engine
     from fastapi.exceptions import RequestValidationError
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     settings = SpaceSettings.from_env()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--model", default=settings.model_id)
     parser.add_argument("--ref-model", default=settings.ref_model_id)
     parser.add_argument("--port", type=int, default=settings.server_port)

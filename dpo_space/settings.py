@@ -81,21 +81,17 @@ class _Reader:
         return value
 
     def integer(self, name: str, default: int, low: int) -> int:
-        value = self._raw(name)
-        try:
-            number = default if value is None else int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low:
-            raise ValueError(f"{name} must be an integer of at least {low}; got {value!r}")
-        return number
+        return self._number(name, default, low, int, f"an integer of at least {low}")
 
     def number(self, name: str, default: float, low: float) -> float:
+        return self._number(name, default, low, float, f"a number of at least {low:g}")
+
+    def _number(self, name: str, default, low, kind, wanted: str):
         value = self._raw(name)
         try:
-            number = default if value is None else float(value)
+            number = default if value is None else kind(value)
         except ValueError:
             number = None
-        if number is None or not number >= low or number == float("inf"):
-            raise ValueError(f"{name} must be a number of at least {low:g}; got {value!r}")
+        if number is None or not low <= number < float("inf"):  # nan fails every comparison
+            raise ValueError(f"{name} must be {wanted}; got {value!r}")
         return number

@@ -8,11 +8,11 @@ point rebuilds it by hand.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
+from dpo_space.cli import command_parser
 from dpo_space.models import EMBEDDED, EMBEDDED_HUB_ID
 
 DEFAULT_SPACE = "http://127.0.0.1:7860/"  # `make demo`; pass --space ORG/NAME for a hosted Space
@@ -186,7 +186,7 @@ def write_card(run_dir: str | Path, space: str = DEFAULT_SPACE) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--space", default=DEFAULT_SPACE)
     args = parser.parse_args(argv)

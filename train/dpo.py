@@ -16,6 +16,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dpo_space.cli import setup_logging
+
 logger = logging.getLogger(__name__)
 
 DPO_METRIC_PREFIXES = ("loss", "rewards/", "logps/", "logits/")
@@ -200,7 +202,7 @@ def top_layers(count: int, peft_config, model) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = parse_args(argv)
 

@@ -28,6 +28,8 @@ import logging
 import statistics
 from pathlib import Path
 
+from dpo_space.cli import command_parser
+
 logger = logging.getLogger(__name__)
 
 
@@ -277,7 +279,7 @@ def summary_markdown(model: str, reference: str, metrics: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--model", required=True, help="model dir, adapter dir, Hub id, or 'embedded'")
     parser.add_argument("--ref", default=None, help="reference model (default: adapter base / recorded base)")
     parser.add_argument("--data", required=True, help="HH-RLHF .jsonl(.gz) file or Hub dataset id")
@@ -372,7 +374,6 @@ def reusable_reference(folder: str | None, generation: dict) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
 
     from dpo_space.engine import Engine

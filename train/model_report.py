@@ -12,10 +12,11 @@ side. The sweep's page: one row per point with the same numbers and which point 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
+
+from dpo_space.cli import command_parser
 
 logger = logging.getLogger(__name__)
 
@@ -227,8 +228,7 @@ def write_sweep_report(eval_dirs: list[Path], out: Path, title: str, baseline_di
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("eval_dirs", nargs="+", type=Path, help="train.evaluate output folders")
     parser.add_argument("--sweep", action="store_true", help="compare the folders as sweep points")
     parser.add_argument("--baseline", type=Path, action="append", default=[], help="an eval folder shown, not picked")

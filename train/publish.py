@@ -9,10 +9,11 @@ never logged. No token, or no Hub, is an error before anything is uploaded; the 
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import logging
 from pathlib import Path
+
+from dpo_space.cli import command_parser
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,7 @@ def publish(run_dir: Path, repo_id: str, private: bool = False, dry_run: bool = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--private", action="store_true")

@@ -8,10 +8,11 @@ the trainer) and ``run_config.yaml``; writes ``report.md``, ``report.json`` and 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
+
+from dpo_space.cli import command_parser
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str = "DPO runs", notes
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="train.dpo output directories")
     parser.add_argument("--out", type=Path, default=Path("outputs/report"))
     parser.add_argument("--title", default="DPO runs")

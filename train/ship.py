@@ -9,10 +9,11 @@ fp32); evaluate the shipped folder again to report what users get.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 from pathlib import Path
+
+from dpo_space.cli import command_parser
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ def ship(run_dir: Path, target: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("target", type=Path)
     args = parser.parse_args(argv)

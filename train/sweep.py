@@ -12,7 +12,6 @@ finished and skipped; a point with checkpoints resumes from the last one. ``swee
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -20,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dpo_space.cli import command_parser
 from train.checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -57,11 +57,10 @@ def point_command(config: str, point: dict[str, str], run_dir: Path, extra: list
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(__doc__)
     parser.add_argument("--config", required=True)
     parser.add_argument("--grid", action="append", required=True, help="KEY=V1,V2,... (repeatable)")
     parser.add_argument("--output_dir", default="outputs/sweep")
