@@ -1,4 +1,4 @@
-"""DPO Space: generate with a DPO-aligned model, compare it with its reference, and let it judge replies.
+"""DPO Space: chat with a DPO-aligned model, compare it with its reference, and let it judge replies.
 
     python app.py [--model MODEL_ID] [--port 7860]
 
@@ -14,7 +14,9 @@ import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 import dataclasses
 import functools
 import inspect
+import logging
 import os
+from collections.abc import Iterator
 
 import gradio as gr
 
@@ -22,7 +24,16 @@ from dpo_space import shipped
 from dpo_space.api_errors import malformed_request
 from dpo_space.cli import command_parser
 from dpo_space.engine import Engine, GenerationError
-from dpo_space.inputs import MAX_PROMPT_CHARS, MODE_CONTINUE, MODE_REPLY, GenerationSettings, check_text
+from dpo_space.inputs import (
+    MAX_PROMPT_CHARS,
+    MODE_CONTINUE,
+    MODE_REPLY,
+    GenerationSettings,
+    check_messages,
+    check_text,
+    message_text,
+)
+from dpo_space.openai_api import CompletionsAPI
 from dpo_space.settings import SpaceSettings
 
 EXAMPLES = [
@@ -32,7 +43,9 @@ EXAMPLES = [
     "Write a short poem about the sea.",
 ]
 DEFAULTS = GenerationSettings()
+POLICY, REFERENCE = "DPO model", "Reference"  # whom the Chat tab talks to
 engine: Engine | None = None
+logger = logging.getLogger(__name__)
 
 
 def user_errors(fn):
@@ -56,15 +69,89 @@ def user_errors(fn):
     return stream if inspect.isgeneratorfunction(fn) else call
 
 
-def prepare(prompt, mode, *values):
-    """Validate the sampling ``values`` (in ``GenerationSettings``' field order) and build the prompt."""
+def validated(*values) -> GenerationSettings:
+    """The sampling ``values`` (in ``GenerationSettings``' field order), checked."""
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
-    settings = GenerationSettings.validated(**dict(zip(names, values, strict=True)))
+    return GenerationSettings.validated(**dict(zip(names, values, strict=True)))
+
+
+def prepare(prompt, mode, *values):
+    """Validate the sampling ``values`` and build the prompt."""
+    settings = validated(*values)
     prepared = engine.prepare(prompt, mode, settings.max_new_tokens)
     if prepared.dropped_tokens:
         kept = len(prepared.input_ids)
         gr.Warning(f"The prompt is {kept + prepared.dropped_tokens} tokens; kept the last {kept}.")
     return prepared, settings
+
+
+@spaces.GPU
+@user_errors
+def chat(
+    message: str,
+    history: list[dict],
+    system_prompt: str = "",
+    model: str = POLICY,
+    max_new_tokens: int = DEFAULTS.max_new_tokens,
+    temperature: float = DEFAULTS.temperature,
+    top_p: float = DEFAULTS.top_p,
+    top_k: int = DEFAULTS.top_k,
+    repetition_penalty: float = DEFAULTS.repetition_penalty,
+    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
+    seed: int = DEFAULTS.seed,
+) -> Iterator[str]:
+    """Stream the reply to `message` after `history` (earlier turns: [{"role": "user"|"assistant", "content": text}]).
+    model: "DPO model" or "Reference"; an empty system_prompt is none; temperature 0 = greedy."""
+    check_text("message", message)
+    if model not in (POLICY, REFERENCE):
+        raise ValueError(f"model must be {POLICY!r} or {REFERENCE!r}; got {model!r}")
+    if not isinstance(system_prompt, str | None):
+        raise ValueError(f"system_prompt must be text; got {type(system_prompt).__name__}")
+    settings = validated(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, seed)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    earlier = [m for m in check_messages(history) if m["role"] != "system"]
+    conversation = [*system, *earlier, {"role": "user", "content": message}]
+    prepared = engine.prepare_chat(conversation, settings.max_new_tokens)
+    if prepared.dropped_messages:
+        gr.Warning(
+            f"The conversation is over the model's input of {engine.max_input_tokens} tokens: its "
+            f"{prepared.dropped_messages} oldest messages were left out; the system prompt was kept."
+        )
+    yield from engine.stream(prepared, settings, use_reference=model == REFERENCE)
+
+
+def add_user_message(message: str, history: list):
+    """The Chat tab's first step: the typed message joins the conversation and the box empties."""
+    if not isinstance(message, str) or not message.strip():
+        raise gr.Error("message is empty: type something first")
+    return "", [*history, {"role": "user", "content": message}]
+
+
+def respond(history: list, system_prompt: str, model: str, *values):
+    """The Chat tab's second step: stream the reply to the conversation's last (user) message."""
+    *earlier, last = history
+    reply = {"role": "assistant", "content": ""}
+    for text in chat(message_text(last["content"]), earlier, system_prompt, model, *values):
+        reply["content"] = text
+        yield [*earlier, last, reply]
+
+
+def without_last_reply(history: list) -> list:
+    """Retry: the conversation up to its last user message, to answer again."""
+    while history and history[-1]["role"] != "user":
+        history = history[:-1]
+    return history
+
+
+def without_last_turn(history: list):
+    """Undo: the last user message and its reply leave the conversation; the message goes back in the box."""
+    history = without_last_reply(history)
+    return (message_text(history[-1]["content"]), history[:-1]) if history else ("", [])
+
+
+def feedback(like: gr.LikeData):
+    """A thumbs up or down on a reply: accepted (stored with the Arena's votes once that exists)."""
+    logger.info("Chat feedback: %s on message %s", "up" if like.liked else "down", like.index)
 
 
 @spaces.GPU
@@ -157,6 +244,31 @@ def build_ui() -> gr.Blocks:
     with gr.Blocks(title="DPO Space") as demo:
         name = shipped.display_name(engine.policy.name)
         gr.Markdown(f"# DPO Space\nModel: `{name}` · reference: `{engine.reference_label}`")
+        with gr.Tab("Chat"):
+            chatbot = gr.Chatbot(label=name, height=440, buttons=["copy"])
+            with gr.Row():
+                message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=5,
+                                     max_length=MAX_PROMPT_CHARS)  # fmt: skip
+                send, chat_stop = gr.Button("Send", variant="primary", scale=1), gr.Button("Stop", scale=1)
+            with gr.Row():
+                talk_to = gr.Radio([POLICY, REFERENCE], value=POLICY, label="Talk to")
+                chat_clear = gr.Button("Clear conversation")
+            system_prompt = gr.Textbox(label="System prompt (optional)", lines=2, max_length=MAX_PROMPT_CHARS)
+            with gr.Accordion("Sampling", open=False):
+                chat_settings = settings_controls()
+            gr.Examples(EXAMPLES, inputs=message)
+            reply_inputs = [chatbot, system_prompt, talk_to, *chat_settings]
+            private = {"api_visibility": "private"}
+            asked = gr.on([send.click, message.submit], add_user_message, [message, chatbot], [message, chatbot],
+                          **private)  # fmt: skip
+            answering = asked.success(respond, reply_inputs, chatbot, concurrency_id="model", **private)
+            retried = chatbot.retry(without_last_reply, chatbot, chatbot, **private)
+            retrying = retried.then(respond, reply_inputs, chatbot, concurrency_id="model", **private)
+            chatbot.undo(without_last_turn, chatbot, [message, chatbot], **private)
+            chatbot.like(feedback, None, None, **private)
+            chat_stop.click(None, cancels=[answering, retrying])
+            chat_clear.click(lambda: ("", []), None, [message, chatbot], cancels=[answering, retrying], **private)
+            gr.api(chat, api_name="chat")
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
@@ -237,6 +349,8 @@ def main() -> None:
     args = parser.parse_args()
     engine = Engine.load(args.model, args.ref_model, settings.engine)
     demo = build_ui()
+    admitted = settings.engine.max_batch + settings.queue_max_size  # the API counts against what the Space admits
+    openai = CompletionsAPI(lambda: engine, shipped.display_name(engine.policy.name), admitted)
     # Gradio keeps timing records of the last 10,000 events by default: memory that grows with traffic.
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "256")
     demo.queue(max_size=settings.queue_max_size, default_concurrency_limit=settings.concurrency)
@@ -247,7 +361,10 @@ def main() -> None:
         show_error=True,
         state_session_capacity=settings.state_session_capacity,
         theme=gr.themes.Soft(),
-        app_kwargs={"exception_handlers": {RequestValidationError: malformed_request}},
+        app_kwargs={
+            "exception_handlers": {RequestValidationError: malformed_request},
+            "routes": openai.routes(),  # /v1/chat/completions and /v1/models, before Gradio's own routes
+        },
     )
 
 

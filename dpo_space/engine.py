@@ -14,12 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 from dpo_space.cpu import DecoderBackend, build_decoders, compile_decoders
 from dpo_space.inputs import MODE_REPLY, MODES, GenerationSettings, PreparedPrompt, check_text
 from dpo_space.models import LoadedModel, load_model
 from dpo_space.plain import GenerateBackend
-from dpo_space.prompts import format_response, format_user_prompt
+from dpo_space.prompts import fit_conversation, format_prompt, format_response, format_user_prompt
 from dpo_space.request import Phase, Request
 from dpo_space.run_record import recorded_beta, recorded_reference
 from dpo_space.scheduler import Scheduler
@@ -127,9 +128,24 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {list(MODES)}; got {mode!r}")
         prompt = format_user_prompt(text, self.tokenizer) if mode == MODE_REPLY else text
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._fit(self.tokenizer(prompt, add_special_tokens=False)["input_ids"], max_new_tokens)
+
+    def prepare_chat(self, messages: list[dict[str, str]], max_new_tokens: int) -> PreparedPrompt:
+        """A conversation (a system message first if any, ending with the user's message) in the prompt format
+        training used; when it is over the input budget, its oldest messages are left out, whole."""
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("a conversation must end with a user message")
+        check_text("message", messages[-1]["content"])
+        fitted = fit_conversation(messages, self.tokenizer, self._budget(max_new_tokens))
+        ids = self.tokenizer(format_prompt(fitted.messages, self.tokenizer), add_special_tokens=False)["input_ids"]
+        return replace(self._fit(ids, max_new_tokens), dropped_messages=fitted.dropped_messages)
+
+    def _budget(self, max_new_tokens: int) -> int:
         context = getattr(self.policy.model.config, "max_position_embeddings", None) or 2048
-        budget = max(1, min(self.max_input_tokens, context - max_new_tokens))
+        return max(1, min(self.max_input_tokens, context - max_new_tokens))
+
+    def _fit(self, ids: list[int], max_new_tokens: int) -> PreparedPrompt:
+        budget = self._budget(max_new_tokens)
         return PreparedPrompt(input_ids=ids[-budget:], dropped_tokens=max(0, len(ids) - budget))
 
     # --- generation ---
@@ -150,12 +166,15 @@ class Engine:
         return request
 
     def stream(
-        self, prompt: PreparedPrompt, settings: GenerationSettings, use_reference: bool = False
+        self, prompt: PreparedPrompt, settings: GenerationSettings, use_reference: bool = False, on_submit=None
     ) -> Iterator[str]:
         """Yield the growing reply: the first text at once, then at most one update per ``stream_interval``
         seconds, the last with the whole reply. Concurrent streams are batched together. Closing the iterator
-        (Stop, a closed tab) ends this stream at the next token and leaves the others running."""
+        (Stop, a closed tab) ends this stream at the next token and leaves the others running. ``on_submit``
+        receives the ``Request`` (its token count, once finished)."""
         request = self.submit(prompt.input_ids, settings, use_reference)
+        if on_submit is not None:
+            on_submit(request)
         text = shown = ""
         last_update = 0.0
         try:

@@ -76,6 +76,36 @@ class GenerationSettings:
 class PreparedPrompt:
     input_ids: list[int]
     dropped_tokens: int  # tokens cut from the front to fit the input budget
+    dropped_messages: int = 0  # a conversation's oldest messages left out to fit it
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def message_text(content) -> str:
+    """A chat message's text: a string, or Gradio's list of parts (``{"type": "text", "text": ...}``)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict) and isinstance(content.get("text"), str):
+        return content["text"]
+    if isinstance(content, list | tuple) and all(isinstance(part, str | dict) for part in content):
+        return "".join(message_text(part) for part in content)
+    raise ValueError(f"a message's content must be text; got {type(content).__name__}")
+
+
+def check_messages(messages) -> list[dict[str, str]]:
+    """A conversation as ``[{"role": ..., "content": ...}]`` with text contents, each checked like a prompt."""
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"history must be a list of messages (role, content); got {type(messages).__name__}")
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
+            raise ValueError(f"message {i} must have a role ({', '.join(ROLES)}) and a content; got {message!r:.80}")
+        text = message_text(message["content"])
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"message {i} is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
+        checked.append({"role": message["role"], "content": text})
+    return checked
 
 
 def check_text(name: str, text) -> str:

@@ -66,10 +66,12 @@ def hh_to_messages(dialogue: str) -> list[dict[str, str]]:
 
 
 def messages_to_hh(messages: list[dict[str, str]]) -> str:
-    """The HH text of chat messages, ending with an open assistant turn."""
+    """The HH text of chat messages, ending with an open assistant turn. HH has no system turn: a system message's
+    text comes first, as plain text before the dialogue."""
     names = {"user": "Human", "assistant": "Assistant"}
+    system = "".join(m["content"].strip() for m in messages if m["role"] == "system")
     text = "".join(f"\n\n{names[m['role']]}: {m['content'].strip()}" for m in messages if m["role"] in names)
-    return text + ASSISTANT
+    return system + text + ASSISTANT
 
 
 def uses_chat_template(tokenizer) -> bool:
@@ -98,3 +100,28 @@ def format_response(reply: str, tokenizer) -> str:
 def format_user_prompt(user_text: str, tokenizer) -> str:
     """A single user message in the model's prompt format (the Space's "Assistant reply" mode)."""
     return format_prompt([{"role": "user", "content": user_text}], tokenizer)
+
+
+@dataclass(frozen=True)
+class FittedConversation:
+    messages: list[dict[str, str]]  # what the model sees: the system message, then the latest whole turns
+    dropped_messages: int  # earlier messages left out to fit the budget
+
+
+def fit_conversation(messages: list[dict[str, str]], tokenizer, budget: int) -> FittedConversation:
+    """The conversation ``messages`` (system first if any, ending with a user message) cut to at most ``budget``
+    prompt tokens by leaving out its oldest messages, whole, never the system message or the last user message.
+    If those two alone are over the budget they are kept anyway (the caller trims tokens from the front)."""
+    system = [m for m in messages if m["role"] == "system"]
+    dialogue = [m for m in messages if m["role"] != "system"]
+    if not dialogue or dialogue[-1]["role"] != "user":
+        raise ValueError("a conversation must end with a user message")
+    start = 0  # dialogue[start:] is kept; each cut drops the oldest message, then any reply left leading
+    while start < len(dialogue) - 1:
+        kept = system + dialogue[start:]
+        if len(tokenizer(format_prompt(kept, tokenizer), add_special_tokens=False)["input_ids"]) <= budget:
+            break
+        start += 1
+        while start < len(dialogue) - 1 and dialogue[start]["role"] != "user":
+            start += 1  # a conversation the model sees starts with a user turn
+    return FittedConversation(messages=system + dialogue[start:], dropped_messages=start)

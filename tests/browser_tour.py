@@ -1,4 +1,5 @@
-"""Drive the Space in headless Debian chromium: type a prompt, watch the output stream, screenshot each tab.
+"""Drive the Space in headless Debian chromium: chat two turns, type a prompt and watch the output stream,
+screenshot each tab.
 
     python -m tests.browser_tour --out docs/screenshots   (the shipped model; --model MODEL_ID for another)
 
@@ -17,9 +18,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
+CHAT_TURNS = ("How do I make a good cup of coffee?", "And without a coffee machine?")
+
+
 def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
-         compare_prompt: str = "How do I make a good cup of coffee?") -> list[str]:  # fmt: skip
-    """Return the distinct output texts seen while the Generate tab streamed; save one PNG a tab."""
+         compare_prompt: str = "How do I make a good cup of coffee?") -> tuple[list[str], list[str]]:  # fmt: skip
+    """Return the distinct output texts seen while the Generate tab streamed, and the chat's messages after two
+    turns; save one PNG a tab."""
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
@@ -27,6 +32,15 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
+        messages = page.locator(".message-row")
+        for turn, text in enumerate(CHAT_TURNS, start=1):
+            page.get_by_placeholder("Type a message and press Enter").fill(text)
+            page.get_by_role("button", name="Send").click()
+            _wait_until(lambda turn=turn: messages.count() >= 2 * turn and _idle(page), 300)
+        chat = [messages.nth(i).inner_text() for i in range(messages.count())]
+        page.screenshot(path=str(out / "chat.png"), full_page=True)
+
+        page.get_by_role("tab", name="Generate").click()
         page.get_by_label("Prompt").first.fill(prompt)
         page.get_by_role("button", name="Generate").click()
         output = page.get_by_label("Output")
@@ -63,7 +77,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         page.get_by_text("active_generations").first.wait_for(timeout=30_000)
         page.screenshot(path=str(out / "about.png"), full_page=True)
         browser.close()
-    return seen
+    return seen, chat
 
 
 def _idle(page) -> bool:
@@ -87,8 +101,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     args = parser.parse_args()
     with running_app(args.model) as (url, _):
-        seen = tour(url, args.out)
-    print(f"saw {len(seen)} growing outputs; screenshots in {args.out}")
+        seen, chat = tour(url, args.out)
+    print(f"saw {len(seen)} growing outputs and {len(chat)} chat messages; screenshots in {args.out}")
 
 
 if __name__ == "__main__":

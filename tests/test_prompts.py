@@ -3,7 +3,9 @@
 import pytest
 
 from dpo_space.prompts import (
+    FittedConversation,
     PreferencePair,
+    fit_conversation,
     format_prompt,
     format_response,
     format_user_prompt,
@@ -101,3 +103,38 @@ def test_format_with_chat_template_is_the_models_own(embedded_tokenizer):
     )
     assert format_response(" D ", embedded_tokenizer) == "D"
     assert embedded_tokenizer.eos_token == "<|im_end|>"  # appended by the trainer: closes the assistant turn
+
+
+def test_hh_text_puts_a_system_message_first():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert messages_to_hh(messages) == "Be brief.\n\nHuman: Hi\n\nAssistant:"
+
+
+class WordTokenizer(NoTemplate):
+    """HH text, one token a word: lengths easy to count by eye."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+SYSTEM = {"role": "system", "content": "Be kind."}
+TURNS = [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three four"},
+         {"role": "user", "content": "five"}, {"role": "assistant", "content": "six"},
+         {"role": "user", "content": "seven eight"}]  # fmt: skip
+
+
+def test_a_conversation_that_fits_is_kept_whole():
+    # "Be kind. Human: one two Assistant: three four Human: five Assistant: six Human: seven eight Assistant:"
+    assert fit_conversation([SYSTEM, *TURNS], WordTokenizer(), 17) == FittedConversation([SYSTEM, *TURNS], 0)
+
+
+def test_a_long_conversation_keeps_the_system_message_and_the_latest_whole_turns():
+    # without the first exchange: "Be kind. Human: five Assistant: six Human: seven eight Assistant:" is 10 words
+    assert fit_conversation([SYSTEM, *TURNS], WordTokenizer(), 12) == FittedConversation([SYSTEM, *TURNS[2:]], 2)
+    assert fit_conversation([SYSTEM, *TURNS], WordTokenizer(), 9) == FittedConversation([SYSTEM, TURNS[4]], 4)
+
+
+def test_the_last_message_is_kept_even_over_the_budget():
+    assert fit_conversation(TURNS, WordTokenizer(), 2) == FittedConversation([TURNS[4]], 4)
+    with pytest.raises(ValueError, match="must end with a user message"):
+        fit_conversation(TURNS[:2], WordTokenizer(), 100)
