@@ -1,4 +1,5 @@
-"""Call the DPO Space from Python with gradio_client: stream a reply, compare with the reference, judge two replies.
+"""Call the DPO Space from Python with gradio_client: a two-turn chat, a streamed reply, a comparison with the
+reference, a judgement of two replies.
 
 python examples/client.py [URL_OR_SPACE_ID]     # default http://127.0.0.1:7860/ (make demo)
 """
@@ -10,6 +11,13 @@ from gradio_client import Client
 
 def main(src: str) -> None:
     client = Client(src, verbose=False)
+
+    # Chat: the history is the earlier messages; the second reply answers the whole conversation.
+    question = "How do I make a good cup of coffee?"
+    first = client.predict(question, [], api_name="/chat")
+    history = [{"role": "user", "content": question}, {"role": "assistant", "content": first}]
+    second = client.predict("And without a coffee machine?", history, api_name="/chat")
+    print(f"{first}\n---\n{second}")
 
     # Streaming: submit() and iterate; each item is the reply so far.
     job = client.submit(

@@ -108,7 +108,8 @@ def test_a_model_that_raises_gives_a_clear_error_and_the_server_goes_on(client):
     assert client.predict("Hi", "Assistant reply", *GREEDY, api_name="/generate") is not None
 
 
-KNOWN_ERRORS = ("must be", "is empty", "limit is", "mode must be one of", "didn't receive enough input values")
+KNOWN_ERRORS = ("must be", "must have", "is empty", "limit is", "mode must be one of",
+                "didn't receive enough input values")  # fmt: skip
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.none(), st.booleans(),
     st.text(max_size=8), st.lists(st.integers(), max_size=2),
@@ -155,6 +156,18 @@ def test_hostile_compare_input(app, prompt, values, keep):
 @given(prompt=texts, a=texts, b=texts, keep=st.integers(0, 3))
 def test_hostile_judge_input(app, prompt, a, b, keep):
     event, payload = sse_call(app[0], "judge", [prompt, a, b][:keep])
+    check_outcome(app, event, payload)
+
+
+histories = st.one_of(texts, st.lists(st.one_of(numbers, st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "robot"]), "content": texts})), max_size=3))  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(message=texts, history=histories, system=texts, model=st.one_of(st.sampled_from(["DPO model", "Reference"]),
+       texts), values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 11))  # fmt: skip
+def test_hostile_chat_input(app, message, history, system, model, values, keep):
+    event, payload = sse_call(app[0], "chat", [message, history, system, model, *short(values)][:keep])
     check_outcome(app, event, payload)
 
 
