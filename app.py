@@ -69,36 +69,46 @@ def user_errors(fn):
     return stream if inspect.isgeneratorfunction(fn) else call
 
 
-def validated(*values) -> GenerationSettings:
-    """The sampling ``values`` (in ``GenerationSettings``' field order), checked."""
-    names = [f.name for f in dataclasses.fields(GenerationSettings)]
-    return GenerationSettings.validated(**dict(zip(names, values, strict=True)))
+def sampling_endpoint(fn):
+    """``fn(..., settings)`` as an endpoint that takes each sampling setting as a parameter of its own, named, typed
+    and defaulted as ``GenerationSettings``' fields (the API's parameters after ``fn``'s own), checked into the
+    ``settings`` it passes on. One definition of the settings for every endpoint and the API's docs."""
+    own = [p for name, p in inspect.signature(fn).parameters.items() if name != "settings"]
+    sampling = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(DEFAULTS, f.name),
+                                  annotation=type(getattr(DEFAULTS, f.name))) for f in dataclasses.fields(DEFAULTS)]
+    signature = inspect.Signature([*own, *sampling], return_annotation=inspect.signature(fn).return_annotation)
+
+    def split(args, kwargs) -> tuple[dict, GenerationSettings]:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = {p.name: bound.arguments[p.name] for p in sampling}
+        return {p.name: bound.arguments[p.name] for p in own}, GenerationSettings.validated(**values)
+
+    @functools.wraps(fn)
+    def endpoint(*args, **kwargs):
+        arguments, settings = split(args, kwargs)
+        yield from fn(**arguments, settings=settings)
+
+    endpoint.__signature__ = signature
+    endpoint.__annotations__ = {**{p.name: p.annotation for p in signature.parameters.values()},
+                                "return": signature.return_annotation}  # fmt: skip
+    return endpoint
 
 
-def prepare(prompt, mode, *values):
-    """Validate the sampling ``values`` and build the prompt."""
-    settings = validated(*values)
+def prepare(prompt, mode, settings: GenerationSettings):
+    """The prompt, formatted and fitted; a warning when it had to be cut."""
     prepared = engine.prepare(prompt, mode, settings.max_new_tokens)
     if prepared.dropped_tokens:
         kept = len(prepared.input_ids)
         gr.Warning(f"The prompt is {kept + prepared.dropped_tokens} tokens; kept the last {kept}.")
-    return prepared, settings
+    return prepared
 
 
 @spaces.GPU
 @user_errors
+@sampling_endpoint
 def chat(
-    message: str,
-    history: list[dict],
-    system_prompt: str = "",
-    model: str = POLICY,
-    max_new_tokens: int = DEFAULTS.max_new_tokens,
-    temperature: float = DEFAULTS.temperature,
-    top_p: float = DEFAULTS.top_p,
-    top_k: int = DEFAULTS.top_k,
-    repetition_penalty: float = DEFAULTS.repetition_penalty,
-    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
-    seed: int = DEFAULTS.seed,
+    message: str, history: list[dict], system_prompt: str = "", model: str = POLICY, *, settings: GenerationSettings
 ) -> Iterator[str]:
     """Stream the reply to `message` after `history` (earlier turns: [{"role": "user"|"assistant", "content": text}]).
     model: "DPO model" or "Reference"; an empty system_prompt is none; temperature 0 = greedy."""
@@ -107,7 +117,6 @@ def chat(
         raise ValueError(f"model must be {POLICY!r} or {REFERENCE!r}; got {model!r}")
     if not isinstance(system_prompt, str | None):
         raise ValueError(f"system_prompt must be text; got {type(system_prompt).__name__}")
-    settings = validated(max_new_tokens, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, seed)
     system = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
     earlier = [m for m in check_messages(history) if m["role"] != "system"]
     conversation = [*system, *earlier, {"role": "user", "content": message}]
@@ -156,38 +165,18 @@ def feedback(like: gr.LikeData):
 
 @spaces.GPU
 @user_errors
-def generate(
-    prompt: str,
-    mode: str = MODE_REPLY,
-    max_new_tokens: int = DEFAULTS.max_new_tokens,
-    temperature: float = DEFAULTS.temperature,
-    top_p: float = DEFAULTS.top_p,
-    top_k: int = DEFAULTS.top_k,
-    repetition_penalty: float = DEFAULTS.repetition_penalty,
-    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
-    seed: int = DEFAULTS.seed,
-):
+@sampling_endpoint
+def generate(prompt: str, mode: str = MODE_REPLY, *, settings: GenerationSettings) -> Iterator[str]:
     """Stream the model's reply to `prompt`. mode: "Assistant reply" or "Continue text"; temperature 0 = greedy."""
-    prepared, settings = prepare(prompt, mode, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 no_repeat_ngram_size, seed)  # fmt: skip
-    yield from engine.stream(prepared, settings)
+    yield from engine.stream(prepare(prompt, mode, settings), settings)
 
 
 @spaces.GPU
 @user_errors
-def compare(
-    prompt: str,
-    max_new_tokens: int = DEFAULTS.max_new_tokens,
-    temperature: float = DEFAULTS.temperature,
-    top_p: float = DEFAULTS.top_p,
-    top_k: int = DEFAULTS.top_k,
-    repetition_penalty: float = DEFAULTS.repetition_penalty,
-    no_repeat_ngram_size: int = DEFAULTS.no_repeat_ngram_size,
-    seed: int = DEFAULTS.seed,
-):
+@sampling_endpoint
+def compare(prompt: str, *, settings: GenerationSettings) -> Iterator[tuple]:
     """Stream the DPO model's and the reference's replies (same settings and seed), then their implicit rewards."""
-    prepared, settings = prepare(prompt, MODE_REPLY, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                                 no_repeat_ngram_size, seed)  # fmt: skip
+    prepared = prepare(prompt, MODE_REPLY, settings)
     policy_text = reference_text = ""
     for policy_text in engine.stream(prepared, settings):
         yield policy_text, "", None, None
