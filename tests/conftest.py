@@ -55,3 +55,13 @@ def tiny_adapter(tmp_path_factory, tiny_path) -> str:
          "--lora_target_modules", "all-linear", "--learning_rate", "1e-2", "--save_strategy", "no"]
     )  # fmt: skip
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_adapter):
+    """The Space's engine over ``tiny_adapter`` in-process, decoding with the fp32 CPU decoder: the same tokens as a
+    direct ``generate``, to compare the app's replies with."""
+    from dpo_space.engine import Engine
+    from dpo_space.settings import EngineSettings
+
+    return Engine.load(tiny_adapter, settings=EngineSettings(decoder="fp32"))

@@ -27,11 +27,8 @@ def client(app):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_adapter):
-    from dpo_space.engine import Engine
-    from dpo_space.settings import EngineSettings
-
-    return Engine.load(tiny_adapter, settings=EngineSettings(decoder="fp32"))
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def test_binds_loopback_and_documents_stable_endpoints(app, client):

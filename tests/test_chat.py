@@ -19,22 +19,24 @@ GREEDY = dict(max_new_tokens=16, temperature=0.0, top_p=1.0, top_k=0, repetition
 
 
 @pytest.fixture(scope="module")
-def app(tiny_adapter):
-    with running_app(tiny_adapter, DECODER="fp32", MAX_INPUT_TOKENS="64") as (url, proc):
-        yield url, proc
+def chat_app(tiny_adapter):
+    with running_app(tiny_adapter, DECODER="fp32") as (url, _):
+        yield url, Client(url, verbose=False)
 
 
 @pytest.fixture(scope="module")
-def client(app):
-    return Client(app[0], verbose=False)
+def app(chat_app):
+    return chat_app[0], None
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_adapter):
-    from dpo_space.engine import Engine
-    from dpo_space.settings import EngineSettings
+def client(chat_app):
+    return chat_app[1]
 
-    return Engine.load(tiny_adapter, settings=EngineSettings(decoder="fp32", max_input_tokens=64))
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine):
+    return tiny_engine
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_the_reference_and_a_system_prompt_are_chosen_by_the_caller(client, engi
 
 def test_a_long_conversation_keeps_the_latest_whole_turns(client, engine):
     history = []
-    for i in range(6):
+    for i in range(60):  # ~1,600 tokens: over the app's MAX_INPUT_TOKENS (1,024)
         history += [{"role": "user", "content": f"Question number {i} about the weather and the sea"},
                     {"role": "assistant", "content": f"Answer number {i} about the sea and the weather"}]  # fmt: skip
     reply = greedy_chat(client, "And now?", history)
