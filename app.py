@@ -11,6 +11,7 @@ override theirs.
 
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 
+import atexit
 import dataclasses
 import functools
 import inspect
@@ -22,8 +23,10 @@ import gradio as gr
 
 from dpo_space import shipped
 from dpo_space.api_errors import malformed_request
+from dpo_space.arena import Arena
 from dpo_space.cli import command_parser
 from dpo_space.engine import Engine, GenerationError
+from dpo_space.feedback import FeedbackStore, load_salt, start_hub_sync
 from dpo_space.inputs import (
     MAX_PROMPT_CHARS,
     MODE_CONTINUE,
@@ -44,7 +47,11 @@ EXAMPLES = [
 ]
 DEFAULTS = GenerationSettings()
 POLICY, REFERENCE = "DPO model", "Reference"  # whom the Chat tab talks to
+ARENA_NOTICE = ("Votes are stored to train future versions of this model and may be published as a dataset: the "
+                "prompt, both replies and your vote, with no IP address and your session only as a salted hash. "
+                "Do not type anything private.")  # fmt: skip
 engine: Engine | None = None
+arena: Arena | None = None
 logger = logging.getLogger(__name__)
 
 
@@ -74,8 +81,15 @@ def sampling_endpoint(fn):
     and defaulted as ``GenerationSettings``' fields (the API's parameters after ``fn``'s own), checked into the
     ``settings`` it passes on. One definition of the settings for every endpoint and the API's docs."""
     own = [p for name, p in inspect.signature(fn).parameters.items() if name != "settings"]
-    sampling = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(DEFAULTS, f.name),
-                                  annotation=type(getattr(DEFAULTS, f.name))) for f in dataclasses.fields(DEFAULTS)]
+    sampling = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=getattr(DEFAULTS, f.name),
+            annotation=type(getattr(DEFAULTS, f.name)),
+        )
+        for f in dataclasses.fields(DEFAULTS)
+    ]
     signature = inspect.Signature([*own, *sampling], return_annotation=inspect.signature(fn).return_annotation)
 
     def split(args, kwargs) -> tuple[dict, GenerationSettings]:
@@ -158,9 +172,45 @@ def without_last_turn(history: list):
     return (message_text(history[-1]["content"]), history[:-1]) if history else ("", [])
 
 
-def feedback(like: gr.LikeData):
-    """A thumbs up or down on a reply: accepted (stored with the Arena's votes once that exists)."""
-    logger.info("Chat feedback: %s on message %s", "up" if like.liked else "down", like.index)
+def feedback(history: list, model: str, like: gr.LikeData, request: gr.Request):
+    """A thumbs up or down on a Chat reply: stored beside the Arena's votes, as unpaired feedback."""
+    index = like.index[0] if isinstance(like.index, list | tuple) else like.index
+    if not isinstance(index, int) or not 0 <= index < len(history) or history[index]["role"] != "assistant":
+        return
+    conversation = check_messages(history[:index])
+    name = shipped.display_name(engine.policy.name) if model == POLICY else engine.reference_label
+    arena.store.add_thumb(arena.store.session_hash(request.session_hash), name, arena.adapter_hash, conversation,
+                          message_text(history[index]["content"]), bool(like.liked))  # fmt: skip
+
+
+@spaces.GPU
+@user_errors
+@sampling_endpoint
+def arena_round(prompt: str, request: gr.Request, *, settings: GenerationSettings) -> Iterator[tuple[str, str, str]]:
+    """Start an Arena round: stream two anonymous replies to `prompt`, the DPO model's and its reference's in a
+    random order (same settings and seed). Yields (round_id, reply A, reply B); vote with the round_id."""
+    prepared = prepare(prompt, MODE_REPLY, settings)
+    round_ = arena.start(request.session_hash, [{"role": "user", "content": prompt}], dataclasses.asdict(settings))
+    yield round_.id, "", ""
+    for side in "AB":
+        for text in engine.stream(prepared, settings, use_reference=round_.side_of(True) == side):
+            round_.replies[side] = text
+            yield round_.id, round_.replies["A"], round_.replies["B"]
+    round_.finished = True
+    yield round_.id, round_.replies["A"], round_.replies["B"]
+
+
+@user_errors
+def vote(round_id: str, choice: str, request: gr.Request) -> tuple[str, dict]:
+    """Vote on an Arena round once both replies have finished: choice "A", "B", "tie" or "both_bad". Returns which
+    model was which, and the scoreboard."""
+    result = arena.vote(round_id, request.session_hash, choice)
+    board = result["scoreboard"]
+    rate = "-" if board["dpo_win_rate"] is None else f"{board['dpo_win_rate']:.2f}"
+    low, high = board["ci95"]
+    return (f"**A** was {result['A']}, **B** {result['B']}. DPO model over its reference: {board['dpo_wins']} wins, "
+            f"{board['reference_wins']} losses (win rate {rate}, 95% interval {low:.2f}-{high:.2f}), "
+            f"{board['ties']} ties, {board['both_bad']} both bad."), board  # fmt: skip
 
 
 @spaces.GPU
@@ -201,9 +251,10 @@ def judge(prompt, response_a, response_b):
 
 
 def info() -> dict:
-    """What is loaded, and the model's shipped held-out metrics."""
+    """What is loaded, the model's shipped held-out metrics, and the Arena's scoreboard."""
     name = shipped.display_name(engine.policy.name)  # never this machine's path
-    return {**engine.info(), "model": name, "metrics": shipped.held_out_metrics(engine.policy.name)}
+    return {**engine.info(), "model": name, "metrics": shipped.held_out_metrics(engine.policy.name),
+            "arena": arena.store.scoreboard()}  # fmt: skip
 
 
 CONTROLS = {  # label and slider step of each sampling setting; the ranges are GenerationSettings.RANGES
@@ -254,10 +305,33 @@ def build_ui() -> gr.Blocks:
             retried = chatbot.retry(without_last_reply, chatbot, chatbot, **private)
             retrying = retried.then(respond, reply_inputs, chatbot, concurrency_id="model", **private)
             chatbot.undo(without_last_turn, chatbot, [message, chatbot], **private)
-            chatbot.like(feedback, None, None, **private)
+            chatbot.like(feedback, [chatbot, talk_to], None, **private)
             chat_stop.click(None, cancels=[answering, retrying])
             chat_clear.click(lambda: ("", []), None, [message, chatbot], cancels=[answering, retrying], **private)
             gr.api(chat, api_name="chat")
+        with gr.Tab("Arena"):
+            gr.Markdown(f"Two anonymous replies, the DPO model's and its reference's in a random order. Which is "
+                        f"better? The names show after your vote.\n\n_{ARENA_NOTICE}_")  # fmt: skip
+            with gr.Row():
+                a_prompt = gr.Textbox(label="Prompt", lines=2, scale=5, max_length=MAX_PROMPT_CHARS)
+                a_go = gr.Button("Start a round", variant="primary", scale=1)
+            with gr.Row():
+                a_reply, b_reply = (gr.Textbox(label=f"Reply {side}", lines=10, interactive=False) for side in "AB")
+            with gr.Row():
+                vote_buttons = {choice: gr.Button(label) for choice, label in
+                                (("A", "A is better"), ("B", "B is better"), ("tie", "Tie"),
+                                 ("both_bad", "Both are bad"))}  # fmt: skip
+            round_id = gr.Textbox(visible=False)
+            revealed = gr.Markdown()
+            scoreboard = gr.JSON(label="Scoreboard", value=arena.store.scoreboard)
+            with gr.Accordion("Sampling", open=False):
+                a_settings = settings_controls()
+            gr.Examples(EXAMPLES, inputs=a_prompt)
+            gr.on([a_go.click, a_prompt.submit], arena_round, [a_prompt, *a_settings], [round_id, a_reply, b_reply],
+                  api_name="arena", preprocess=False, concurrency_id="model")  # fmt: skip
+            gr.api(vote, api_name="vote")  # before the buttons' events, which take other (private) names
+            for choice, button in vote_buttons.items():
+                button.click(vote, [round_id, gr.State(choice)], [revealed, scoreboard], **private)
         with gr.Tab("Generate"):
             with gr.Row():
                 with gr.Column():
@@ -327,7 +401,7 @@ def build_ui() -> gr.Blocks:
 
 
 def main() -> None:
-    global engine
+    global engine, arena
     from fastapi.exceptions import RequestValidationError
 
     settings = SpaceSettings.from_env()
@@ -337,6 +411,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=settings.server_port)
     args = parser.parse_args()
     engine = Engine.load(args.model, args.ref_model, settings.engine)
+    sync = start_hub_sync(settings.feedback_dir, settings.feedback_repo, settings.hf_token)
+    store = FeedbackStore(settings.feedback_dir, load_salt(settings.feedback_dir), sync)
+    if sync is not None:
+        atexit.register(sync.stop)
+    arena = Arena(store, shipped.display_name(engine.policy.name), engine.reference_label,
+                  shipped.content_hash(args.model), settings.arena_min_seconds)  # fmt: skip
+    logger.info("Feedback is stored in %s", store.path)
     demo = build_ui()
     admitted = settings.engine.max_batch + settings.queue_max_size  # the API counts against what the Space admits
     openai = CompletionsAPI(lambda: engine, shipped.display_name(engine.policy.name), admitted)

@@ -12,8 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 # The project's own DPO model (a LoRA adapter on the embedded SmolLM2-135M-Instruct), shipped in the repository.
-DEFAULT_MODEL_ID = str(Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-dpo-hh-lora")
+DEFAULT_MODEL_ID = str(ROOT / "models" / "smollm2-135m-dpo-hh-lora")
+
+
+def default_feedback_dir(env: Mapping[str, str]) -> str:
+    """A Space with persistent storage keeps feedback in ``/data``; anywhere else, a folder beside the app."""
+    if env.get("SPACE_ID") and Path("/data").is_dir():
+        return "/data/feedback"
+    return str(ROOT / "feedback")
+
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DECODERS = ("auto", "int4", "fp32", "generate")
 
@@ -39,6 +49,10 @@ class SpaceSettings:
     state_session_capacity: int = 64  # Gradio's per-session records (the endpoints keep no state)
     server_name: str = "127.0.0.1"
     server_port: int = 7860
+    feedback_dir: str = str(ROOT / "feedback")  # the Arena's votes and the Chat tab's thumbs (SQLite)
+    arena_min_seconds: float = 3.0  # a session's votes come at least this far apart
+    feedback_repo: str | None = None  # a Hub dataset that feedback shards are pushed to (with HF_TOKEN)
+    hf_token: str | None = field(default=None, repr=False)  # never in a log or a response
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpaceSettings:
@@ -63,6 +77,10 @@ class SpaceSettings:
             state_session_capacity=read.integer("STATE_SESSION_CAPACITY", 64, low=1),
             server_name=env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
             server_port=read.integer("GRADIO_SERVER_PORT", 7860, low=1),
+            feedback_dir=env.get("FEEDBACK_DIR") or default_feedback_dir(env),
+            arena_min_seconds=read.number("ARENA_MIN_SECONDS", 3.0, low=0.0),
+            feedback_repo=env.get("FEEDBACK_REPO") or None,
+            hf_token=env.get("HF_TOKEN") or None,
         )
 
 

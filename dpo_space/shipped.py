@@ -73,3 +73,19 @@ def plots(model_id: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(folder.glob("eval/*.png")) + sorted(folder.glob("*.png")) + sorted(folder.glob("report/*.png"))
+
+
+def content_hash(model_id: str) -> str:
+    """The first 16 hex digits of the SHA-256 of a local model folder's weights (the adapter's, or the full
+    model's), so that feedback names the exact weights it was given on; a Hub id stands for itself."""
+    import hashlib
+
+    folder = Path(model_id)
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            digest = hashlib.sha256()
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            return digest.hexdigest()[:16]
+    return model_id

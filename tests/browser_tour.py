@@ -19,6 +19,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 CHAT_TURNS = ("How do I make a good cup of coffee?", "And without a coffee machine?")
+ARENA_PROMPT = "My neighbour's dog barks all night. What should I do?"
 
 
 def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
@@ -40,8 +41,17 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         chat = [messages.nth(i).inner_text() for i in range(messages.count())]
         page.screenshot(path=str(out / "chat.png"), full_page=True)
 
+        page.get_by_role("tab", name="Arena").click()
+        _visible(page.get_by_label("Prompt")).fill(ARENA_PROMPT)
+        page.get_by_role("button", name="Start a round").click()
+        replies = [page.get_by_label(f"Reply {side}") for side in "AB"]
+        _wait_until(lambda: all(r.input_value() for r in replies) and _idle(page), 300)
+        page.get_by_role("button", name="A is better").click()
+        page.get_by_text("the DPO model").first.wait_for(timeout=60_000)  # the names, revealed after the vote
+        page.screenshot(path=str(out / "arena.png"), full_page=True)
+
         page.get_by_role("tab", name="Generate").click()
-        page.get_by_label("Prompt").first.fill(prompt)
+        _visible(page.get_by_label("Prompt")).fill(prompt)
         page.get_by_role("button", name="Generate").click()
         output = page.get_by_label("Output")
         seen: list[str] = []
@@ -60,7 +70,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         page.screenshot(path=str(out / "generate.png"), full_page=True)
 
         page.get_by_role("tab", name="Compare").click()
-        page.get_by_label("Prompt").nth(1).fill(compare_prompt)
+        _visible(page.get_by_label("Prompt")).fill(compare_prompt)
         page.get_by_role("button", name="Compare", exact=True).click()
         reward = page.get_by_label("Reference reply reward β·log(π/π_ref)")
         _wait_until(lambda: page.get_by_label("Reference", exact=True).input_value() != "", 180)
@@ -78,6 +88,11 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         page.screenshot(path=str(out / "about.png"), full_page=True)
         browser.close()
     return seen, chat
+
+
+def _visible(locator):
+    """The one match on the tab shown (other tabs hold fields of the same label)."""
+    return locator.filter(visible=True).first
 
 
 def _idle(page) -> bool:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -29,7 +30,9 @@ def running_app(model_id: str | None, timeout: float = 300, preamble: str = "", 
     port = free_port()
     log_path = Path(os.environ.get("PYTEST_TMP", "/tmp")) / f"app-{port}.log"
     full_env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-                "GRADIO_ANALYTICS_ENABLED": "False", "DECODER_COMPILE": "0", **env}  # fmt: skip
+                "GRADIO_ANALYTICS_ENABLED": "False", "DECODER_COMPILE": "0",
+                "FEEDBACK_DIR": tempfile.mkdtemp(prefix="feedback-"), **env}  # fmt: skip
+    # FEEDBACK_DIR: votes cast by tests never land beside the app
     # DECODER_COMPILE=0: compiling in the background would take the CPU from the tests; one test turns it on
     full_env.pop("MODEL_ID", None)
     if model_id is not None:

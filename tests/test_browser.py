@@ -21,7 +21,7 @@ def test_chat_and_generate_in_the_browser_and_every_tab_renders(tmp_path):
     assert len(seen) >= 3, seen  # the text appeared in steps, not at once
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:], strict=False))
     shots = {p.name: p.stat().st_size for p in tmp_path.glob("*.png")}
-    assert set(shots) == {"chat.png", "generate.png", "compare.png", "judge.png", "about.png"}
+    assert set(shots) == {"chat.png", "arena.png", "generate.png", "compare.png", "judge.png", "about.png"}
     assert min(shots.values()) > 10_000
     artifacts = Path("test-artifacts")
     artifacts.mkdir(exist_ok=True)

@@ -1,8 +1,10 @@
 """HH-RLHF loading and conversion to DPO's prompt/chosen/rejected columns.
 
 Rows come from the Hub (``Anthropic/hh-rlhf``, optional ``data_dir``) or from a local ``.jsonl`` /
-``.jsonl.gz`` file in the original format. Each row is split at the last ``"\\n\\nAssistant:"`` and
-formatted with the same function the Space uses (``dpo_space.prompts``).
+``.jsonl.gz`` file, either in HH's original format (each row split at the last ``"\\n\\nAssistant:"``) or in
+TRL's conversational preference format (``prompt`` messages, ``chosen`` and ``rejected`` assistant messages: what
+``python -m train.feedback export`` writes from the Space's votes). Either is formatted with the same function the
+Space uses (``dpo_space.prompts``).
 """
 
 from __future__ import annotations
@@ -58,13 +60,41 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | str]]:
 
 
 def row_problem(row) -> str | None:
-    """Why a row is not an HH pair, or None."""
+    """Why a row is not an HH pair (or a conversational preference pair), or None."""
     if isinstance(row, str):
         return row
+    if isinstance(row.get("prompt"), list):
+        for key in ("chosen", "rejected"):
+            value = row.get(key)
+            if not (
+                isinstance(value, list)
+                and value
+                and isinstance(value[-1], dict)
+                and value[-1].get("role") == "assistant"
+                and isinstance(value[-1].get("content"), str)
+            ):
+                return f"{key!r} must be a list ending with an assistant message"  # fmt: skip
+        return None
     for key in ("chosen", "rejected"):
         if not isinstance(row.get(key), str):
             return f"missing or non-string {key!r}"
     return None
+
+
+def preference_parts(row: dict) -> tuple[list[dict], str, str]:
+    """A checked row as (the prompt's messages, the chosen reply, the rejected reply)."""
+    if isinstance(row.get("prompt"), list):
+        from dpo_space.inputs import check_messages
+
+        messages = check_messages(row["prompt"])
+        if not messages or messages[-1]["role"] != "user":
+            raise ValueError("the prompt must end with a user message")
+        chosen, rejected = row["chosen"][-1]["content"].strip(), row["rejected"][-1]["content"].strip()
+        if not chosen or not rejected:
+            raise ValueError("empty chosen or rejected reply")
+        return messages, chosen, rejected
+    pair = split_hh_pair(row["chosen"], row["rejected"])
+    return hh_to_messages(pair.prompt), pair.chosen, pair.rejected
 
 
 def convert_rows(
@@ -82,7 +112,7 @@ def convert_rows(
         problem = row_problem(row)
         if problem is None:
             try:
-                pair = split_hh_pair(row["chosen"], row["rejected"])
+                messages, chosen, rejected = preference_parts(row)
             except ValueError as e:
                 problem = str(e)
         if problem is not None:
@@ -90,15 +120,14 @@ def convert_rows(
                 raise ValueError(f"{source}, row {n}: {problem}. Fix the row or set skip_bad_rows: true.")
             stats.skipped[problem] += 1
             continue
-        if pair.chosen == pair.rejected:
+        if chosen == rejected:
             stats.skipped["identical chosen and rejected replies"] += 1
             continue
-        prompt = format_prompt(hh_to_messages(pair.prompt), tokenizer)
         out.append(
             {
-                "prompt": prompt,
-                "chosen": format_response(pair.chosen, tokenizer),
-                "rejected": format_response(pair.rejected, tokenizer),
+                "prompt": format_prompt(messages, tokenizer),
+                "chosen": format_response(chosen, tokenizer),
+                "rejected": format_response(rejected, tokenizer),
             }
         )
         stats.kept += 1
