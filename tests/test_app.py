@@ -34,7 +34,9 @@ def engine(tiny_engine):
 def test_binds_loopback_and_documents_stable_endpoints(app, client):
     assert "Running on local URL:  http://127.0.0.1:" in app[1].log_path.read_text()
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert {"/generate", "/compare", "/judge", "/info"} <= endpoints.keys()
+    assert {"/chat", "/arena", "/vote", "/generate", "/compare", "/judge", "/info"} <= endpoints.keys()
+    chat = [p["parameter_name"] for p in endpoints["/chat"]["parameters"]]
+    assert chat == ["message", "history", "system_prompt", "model", *GREEDY]
     names = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
     assert names == ["prompt", "mode", *GREEDY]
 

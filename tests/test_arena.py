@@ -184,8 +184,28 @@ def test_exported_votes_train_the_tiny_recipe(arena_app, tmp_path):
     assert len(rows) == summary["preferences"] >= 4 and summary["votes"] == len(rows) + sum(
         summary["left_out"].values())  # fmt: skip
     assert rows[0]["prompt"][-1]["role"] == "user" and rows[0]["chosen"][0]["role"] == "assistant"
-    train(["--config", str(Path(__file__).parent.parent / "train/recipes/tiny.yaml"), "--output_dir",
-           str(tmp_path / "run"), "--dataset_name", str(tmp_path / "export" / "preferences.jsonl"),
-           "--eval_fraction", "0", "--max_steps", "2"])  # fmt: skip
-    results = json.loads((tmp_path / "run" / "train_results.json").read_text())
-    assert results["train_pairs"] == len([r for r in rows if r["chosen"] != r["rejected"]])
+    exported = str(tmp_path / "export" / "preferences.jsonl")
+    tiny = ["--config", str(Path(__file__).parent.parent / "train/recipes/tiny.yaml"), "--max_steps", "1"]
+    train([*tiny, "--output_dir", str(tmp_path / "alone"), "--dataset_name", exported, "--eval_fraction", "0"])
+    train([*tiny, "--output_dir", str(tmp_path / "mixed"), "--extra_dataset_files", exported])  # beside HH
+    usable = len([r for r in rows if r["chosen"] != r["rejected"]])
+    alone, mixed = (json.loads((tmp_path / run / "train_results.json").read_text()) for run in ("alone", "mixed"))
+    assert alone["train_pairs"] == usable and mixed["train_pairs"] == 12 + usable  # the tiny HH file's 12
+
+
+def test_pushed_shards_export_like_the_database(tmp_path):
+    from dpo_space.feedback import VOTE_COLUMNS
+    from train.feedback import export
+
+    shards = tmp_path / "snapshot" / "data"
+    shards.mkdir(parents=True)
+    vote = a_vote("r1", "B", policy_side="A")
+    row = (vote.round_id, 1.0, vote.session, vote.policy_model, vote.reference_model, vote.adapter_hash,
+           vote.policy_side, json.dumps(vote.settings), json.dumps(vote.conversation), vote.reply_a, vote.reply_b,
+           vote.vote)  # fmt: skip
+    (shards / "votes-0a1b.jsonl").write_text(json.dumps(dict(zip(VOTE_COLUMNS, row, strict=True))) + "\n")
+    assert export(tmp_path / "snapshot", tmp_path / "out")["preferences"] == 1
+    exported = json.loads((tmp_path / "out" / "preferences.jsonl").read_text())
+    assert exported["chosen"] == [{"role": "assistant", "content": "reply B"}] and exported["chosen_model"] == "ref"
+    assert exported["rejected"] == [{"role": "assistant", "content": "reply A"}]
+    assert exported["prompt"] == [{"role": "user", "content": "Hi"}]

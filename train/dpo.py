@@ -69,6 +69,12 @@ class ScriptArguments:
     helpful_max_samples: int | None = field(
         default=None, metadata={"help": "Train on the first N helpful pairs only."}
     )
+    extra_dataset_files: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Local .jsonl(.gz) files of further pairs, HH rows or TRL conversational preference rows "
+                          "(such as the Space's votes from python -m train.feedback export), all joining the "
+                          "training pairs."},
+    )  # fmt: skip
     precision: str = field(
         default="auto",
         metadata={"help": "auto: bf16 autocast where the hardware runs it natively (CUDA with bf16, or a CPU with "
@@ -121,7 +127,7 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
     (``train.evaluate`` reports each source apart)."""
     from datasets import Dataset
 
-    from train.data import convert_rows, is_local_file, load_hh_rows, split_train_eval
+    from train.data import convert_rows, is_local_file, load_hh_rows, read_jsonl, split_train_eval
 
     name = script_args.dataset_name
     rows = list(load_hh_rows(name, script_args.dataset_data_dir, script_args.dataset_train_split))
@@ -146,6 +152,10 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
     if helpful:
         logger.info("Mixing %d helpful pairs into %d HH pairs", len(helpful), len(train))
     train += helpful
+    for extra in script_args.extra_dataset_files:
+        rows, _ = convert_rows(read_jsonl(extra), tokenizer, extra, skip_bad_rows=skip)
+        logger.info("Mixing %d pairs of %s into the training pairs", len(rows), extra)
+        train += rows
     return Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None
 
 

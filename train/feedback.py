@@ -49,9 +49,26 @@ def unpaired_rows(thumbs: list[dict]) -> list[dict]:
              "label": bool(t["liked"])} for t in thumbs]  # fmt: skip
 
 
+def read_feedback(feedback: Path) -> tuple[list[dict], list[dict]]:
+    """Votes and thumbs from a Space's ``FEEDBACK_DIR`` (its SQLite file), the file itself, or a folder of the
+    shards it pushes to the Hub (``votes-*.jsonl`` and ``thumbs-*.jsonl``, as a dataset snapshot holds them)."""
+    if feedback.is_dir() and not (feedback / FILE).is_file():
+        shards = sorted(feedback.rglob("votes-*.jsonl")), sorted(feedback.rglob("thumbs-*.jsonl"))
+        if not any(shards):
+            raise ValueError(f"{feedback} holds no {FILE} and no votes-*.jsonl shards")
+        votes, thumbs = ([json.loads(line) for path in paths for line in path.read_text().splitlines() if line]
+                         for paths in shards)  # fmt: skip
+        for row in votes:
+            row["settings"], row["conversation"] = json.loads(row["settings"]), json.loads(row["conversation"])
+        for row in thumbs:
+            row["conversation"] = json.loads(row["conversation"])
+        return sorted(votes, key=lambda v: v["voted_at"]), thumbs
+    return read_rows(feedback / FILE if feedback.is_dir() else feedback)
+
+
 def export(feedback: Path, out: Path) -> dict:
     """Write both files; return what was written and left out."""
-    votes, thumbs = read_rows(feedback / FILE if feedback.is_dir() else feedback)
+    votes, thumbs = read_feedback(feedback)
     preferences, left_out = preference_rows(votes)
     unpaired = unpaired_rows(thumbs)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,8 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     commands = parser.add_subparsers(dest="command", required=True)
     export_args = commands.add_parser("export", help="write preferences.jsonl and unpaired.jsonl")
     export_args.add_argument("out", type=Path)
-    export_args.add_argument("--feedback_dir", type=Path, default=Path("feedback"),
-                             help="the Space's FEEDBACK_DIR, or its feedback.sqlite3")  # fmt: skip
+    where = "the Space's FEEDBACK_DIR, its feedback.sqlite3, or a folder of pushed shards"
+    export_args.add_argument("--feedback_dir", type=Path, default=Path("feedback"), help=where)
     args = parser.parse_args(argv)
     try:
         return export(args.feedback_dir, args.out)
