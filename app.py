@@ -147,14 +147,14 @@ def add_user_message(message: str, history: list):
     """The Chat tab's first step: the typed message joins the conversation and the box empties."""
     if not isinstance(message, str) or not message.strip():
         raise gr.Error("message is empty: type something first")
-    return "", [*history, {"role": "user", "content": message}]
+    return "", [*check_messages(history), {"role": "user", "content": message}]
 
 
 def respond(history: list, system_prompt: str, model: str, *values):
     """The Chat tab's second step: stream the reply to the conversation's last (user) message."""
-    *earlier, last = history
+    *earlier, last = check_messages(history)
     reply = {"role": "assistant", "content": ""}
-    for text in chat(message_text(last["content"]), earlier, system_prompt, model, *values):
+    for text in chat(last["content"], earlier, system_prompt, model, *values):
         reply["content"] = text
         yield [*earlier, last, reply]
 

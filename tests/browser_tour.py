@@ -36,8 +36,15 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         messages = page.locator(".message-row")
         for turn, text in enumerate(CHAT_TURNS, start=1):
             page.get_by_placeholder("Type a message and press Enter").fill(text)
-            page.get_by_role("button", name="Send").click()
+            for _ in range(3):  # a click in the first moments after loading can come before the app listens
+                page.get_by_role("button", name="Send").click()
+                try:
+                    _wait_until(lambda turn=turn: messages.count() >= 2 * turn - 1, 10)
+                    break
+                except TimeoutError:
+                    continue
             _wait_until(lambda turn=turn: messages.count() >= 2 * turn and _idle(page), 300)
+            _settle(page, quiet=6.0)  # the stream's last update has reached the chat before the next message
         chat = [messages.nth(i).inner_text() for i in range(messages.count())]
         page.screenshot(path=str(out / "chat.png"), full_page=True)
 
@@ -73,7 +80,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         _visible(page.get_by_label("Prompt")).fill(compare_prompt)
         page.get_by_role("button", name="Compare", exact=True).click()
         reward = page.get_by_label("Reference reply reward β·log(π/π_ref)")
-        _wait_until(lambda: page.get_by_label("Reference", exact=True).input_value() != "", 180)
+        _wait_until(lambda: _visible(page.get_by_label("Reference", exact=True)).input_value() != "", 180)
         _wait_until(lambda: reward.input_value() != "", 180)  # set by the last update, after both streams
         page.screenshot(path=str(out / "compare.png"), full_page=True)
 
@@ -98,6 +105,15 @@ def _visible(locator):
 def _idle(page) -> bool:
     """No output is streaming (Gradio marks it ``.generating``) or waiting (``.pending``)."""
     return page.locator(".generating, .pending").count() == 0
+
+
+def _settle(page, quiet: float = 2.0) -> None:
+    """Wait until nothing has streamed for ``quiet`` seconds (Gradio can drop its marker between chunks)."""
+    since = time.monotonic()
+    while time.monotonic() - since < quiet:
+        if not _idle(page):
+            since = time.monotonic()
+        time.sleep(0.1)
 
 
 def _wait_until(condition, timeout: float) -> None:
