@@ -109,7 +109,8 @@ def test_a_model_that_raises_gives_a_clear_error_and_the_server_goes_on(client):
 
 
 KNOWN_ERRORS = ("must be", "must have", "is empty", "limit is", "mode must be one of",
-                "didn't receive enough input values")  # fmt: skip
+                "didn't receive enough input values", "unknown round", "its vote already", "still coming",
+                "faster than a person")  # fmt: skip
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.none(), st.booleans(),
     st.text(max_size=8), st.lists(st.integers(), max_size=2),
@@ -169,6 +170,32 @@ histories = st.one_of(texts, st.lists(st.one_of(numbers, st.fixed_dictionaries(
 def test_hostile_chat_input(app, message, history, system, model, values, keep):
     event, payload = sse_call(app[0], "chat", [message, history, system, model, *short(values)][:keep])
     check_outcome(app, event, payload)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(prompt=texts, values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 8))
+def test_hostile_arena_input(app, prompt, values, keep):
+    event, payload = sse_call(app[0], "arena", [prompt, *short(values)][:keep])
+    check_outcome(app, event, payload)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(round_id=st.one_of(texts, st.from_regex(r"[0-9a-f]{16}", fullmatch=True)),
+       choice=st.one_of(st.sampled_from(["A", "B", "tie", "both_bad"]), texts), keep=st.integers(0, 2))  # fmt: skip
+def test_hostile_vote_input(app, round_id, choice, keep):
+    event, payload = sse_call(app[0], "vote", [round_id, choice][:keep])
+    check_outcome(app, event, payload)
+
+
+def test_a_real_round_refuses_hostile_votes_and_then_takes_a_valid_one(client):
+    round_id = client.predict("Hi", *GREEDY, api_name="/arena")[0]
+    for choice in ["", "a", "A ", None, 1, ["A"], {"vote": "A"}, "both bad", "\x00"]:
+        with pytest.raises(Exception, match="the vote must be one of A, B, tie, both_bad"):
+            client.predict(round_id, choice, api_name="/vote")
+    revealed, board = client.predict(round_id, "tie", api_name="/vote")
+    assert "DPO model" in revealed and board["ties"] >= 1
+    with pytest.raises(Exception, match="this round has its vote already"):
+        client.predict(round_id, "A", api_name="/vote")
 
 
 def test_the_server_still_serves_after_the_hostile_input(client):
