@@ -2,11 +2,9 @@
 
     python app.py [--model MODEL_ID] [--port 7860]
 
-Settings come from the environment, read once by ``dpo_space.settings.SpaceSettings`` (docs/configuration.md):
-MODEL_ID (default: the shipped adapter models/smollm2-135m-dpo-hh-lora), REF_MODEL_ID, DTYPE, DECODER,
-DECODER_COMPILE, MAX_BATCH, MAX_INPUT_TOKENS, STREAM_INTERVAL, STREAM_TIMEOUT, QUEUE_MAX_SIZE, CONCURRENCY,
-STATE_SESSION_CAPACITY, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT. ``--model``, ``--ref-model`` and ``--port``
-override theirs.
+Settings come from the environment, read once by ``dpo_space.settings.SpaceSettings``; docs/configuration.md lists
+them all (MODEL_ID, default the shipped adapter models/smollm2-135m-dpo-hh-lora; DECODER; MAX_BATCH; FEEDBACK_DIR;
+COMPILE_CACHE_DIR; ...). ``--model``, ``--ref-model`` and ``--port`` override theirs.
 """
 
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -67,6 +68,8 @@ class Engine:
         self.compiled = threading.Event()  # set once the decoders decode with their compiled step
         self.compiling = None
         if settings.compile and self.decoders:
+            if settings.compile_cache_dir:  # Inductor reads its cache folder from the environment when it compiles
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache_dir
             self.compiling = threading.Thread(target=self._compile_decoders, name="compile-decoders", daemon=True)
             self.compiling.start()
 

@@ -17,11 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_ID = str(ROOT / "models" / "smollm2-135m-dpo-hh-lora")
 
 
+def on_persistent_space(env: Mapping[str, str]) -> bool:
+    """A Hugging Face Space with persistent storage (mounted at ``/data``, kept across restarts)."""
+    return bool(env.get("SPACE_ID")) and Path("/data").is_dir()
+
+
 def default_feedback_dir(env: Mapping[str, str]) -> str:
     """A Space with persistent storage keeps feedback in ``/data``; anywhere else, a folder beside the app."""
-    if env.get("SPACE_ID") and Path("/data").is_dir():
-        return "/data/feedback"
-    return str(ROOT / "feedback")
+    return "/data/feedback" if on_persistent_space(env) else str(ROOT / "feedback")
+
+
+def default_compile_cache_dir(env: Mapping[str, str]) -> str | None:
+    """Where the compiled decoder step is cached: ``/data`` on a Space with persistent storage (a restarted
+    container finds it there); elsewhere None, Inductor's own (``TORCHINDUCTOR_CACHE_DIR``, else a temporary
+    folder that outlives the process)."""
+    return "/data/compile-cache" if on_persistent_space(env) else None
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -33,6 +43,7 @@ class EngineSettings:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (the faster there, and what scoring uses)
     decoder: str = "auto"  # auto: the int4 CPU decoder where it runs (a Llama on a CPU), else generate
     compile: bool = False  # compile the CPU decoder's step in the background, serving eagerly meanwhile
+    compile_cache_dir: str | None = None  # Inductor's on-disk cache (None: its default); warm, a start takes seconds
     max_batch: int = 8  # requests decoded together
     max_input_tokens: int = 1024  # a longer prompt keeps its last tokens
     stream_interval: float = 0.1  # seconds between a stream's updates: smooth to read, few web-server messages
@@ -63,6 +74,7 @@ class SpaceSettings:
             dtype=read.choice("DTYPE", "auto", DTYPES),
             decoder=read.choice("DECODER", "auto", DECODERS),
             compile=read.choice("DECODER_COMPILE", "1", ("0", "1")) == "1",
+            compile_cache_dir=env.get("COMPILE_CACHE_DIR") or default_compile_cache_dir(env),
             max_batch=max_batch,
             max_input_tokens=read.integer("MAX_INPUT_TOKENS", 1024, low=1),
             stream_interval=read.number("STREAM_INTERVAL", 0.1, low=0.0),

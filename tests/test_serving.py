@@ -1,8 +1,11 @@
 """The engine in-process: settings validation, prompt budget, streaming, stopping and scoring."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from dpo_space.engine import Engine, GenerationError
 from dpo_space.inputs import MODE_CONTINUE, MODE_REPLY, GenerationSettings, check_text
 from dpo_space.prompts import format_response, format_user_prompt
 from dpo_space.settings import EngineSettings
-from tests.server import direct_greedy
+from tests.server import ROOT, direct_greedy
 
 GREEDY = dict(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
               no_repeat_ngram_size=0, seed=0)  # fmt: skip
@@ -353,12 +356,8 @@ def test_loading_and_scoring_leave_no_openmp_team_in_the_calling_thread(embedded
     them than cores, libgomp stops spinning and every team slows down (decoding ran at ~0.5x here beside one idle
     team). The engine computes in threads that end, so a caller (a web server's worker) keeps none. In a process
     of its own, with no other engine's threads coming and going."""
-    import json
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", NATIVE_THREADS, embedded_path], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).parent.parent)  # fmt: skip
+                          timeout=300, cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(done.stdout.splitlines()[-1])
     assert counts["after"] == counts["before"], counts
@@ -376,3 +375,23 @@ def test_the_scheduler_thread_ends_when_idle_and_a_request_starts_another(engine
     assert not thread.is_alive() and engine.scheduler.thread is None
     assert list(engine.stream(prepared, GenerationSettings.validated(**GREEDY)))[-1] == first
     assert engine.scheduler.thread is not thread
+
+
+@pytest.mark.slow
+def test_the_warm_command_fills_the_compile_cache_that_the_next_start_reads(tiny_adapter, tmp_path):
+    """python -m dpo_space.warm compiles into COMPILE_CACHE_DIR; a second start loads every compiled library from
+    there and builds none anew, not even one it rewrites in place (the cold start is paid once per machine or
+    image, not per restart)."""
+    cache = tmp_path / "compile-cache"
+    env = {**os.environ, "COMPILE_CACHE_DIR": str(cache), "DECODER": "fp32"}
+    command = [sys.executable, "-m", "dpo_space.warm", "--model", tiny_adapter]
+
+    def warm() -> tuple[dict, dict]:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1]), {p: p.stat().st_mtime_ns for p in cache.rglob("*.so")}
+
+    first, built = warm()
+    assert first["compiled"] and first["cache"] == str(cache) and built
+    second, found = warm()
+    assert second["compiled"] and found == built

@@ -22,6 +22,9 @@ def test_values_are_parsed_and_concurrency_follows_max_batch():
     assert settings.model_id == "me/model" and settings.ref_model_id is None and settings.server_port == 7861
     assert settings.engine == EngineSettings(decoder="generate", compile=False, max_batch=4, stream_interval=0.0)
     assert settings.concurrency == 4
+    assert settings.engine.compile_cache_dir is None  # Inductor's own default, off a Space with persistent storage
+    cached = SpaceSettings.from_env({"COMPILE_CACHE_DIR": "cache/compiled"})
+    assert cached.engine.compile_cache_dir == "cache/compiled"
     secret = SpaceSettings.from_env({"HF_TOKEN": "hf_secret", "FEEDBACK_REPO": "me/votes"})
     assert secret.hf_token == "hf_secret" and "hf_secret" not in repr(secret) and secret.feedback_repo == "me/votes"
 
