@@ -190,10 +190,9 @@ def arena_round(prompt: str, request: gr.Request, *, settings: GenerationSetting
     prepared = prepare(prompt, MODE_REPLY, settings)
     round_ = arena.start(request.session_hash, [{"role": "user", "content": prompt}], dataclasses.asdict(settings))
     yield round_.id, "", ""
-    for side in "AB":
-        for text in engine.stream(prepared, settings, use_reference=round_.side_of(True) == side):
-            round_.replies[side] = text
-            yield round_.id, round_.replies["A"], round_.replies["B"]
+    for policy_text, reference_text in engine.stream_pair(prepared, settings):
+        round_.replies[round_.policy_side], round_.replies[round_.side_of(True)] = policy_text, reference_text
+        yield round_.id, round_.replies["A"], round_.replies["B"]
     round_.finished = True
     yield round_.id, round_.replies["A"], round_.replies["B"]
 
@@ -226,9 +225,7 @@ def compare(prompt: str, *, settings: GenerationSettings) -> Iterator[tuple]:
     """Stream the DPO model's and the reference's replies (same settings and seed), then their implicit rewards."""
     prepared = prepare(prompt, MODE_REPLY, settings)
     policy_text = reference_text = ""
-    for policy_text in engine.stream(prepared, settings):
-        yield policy_text, "", None, None
-    for reference_text in engine.stream(prepared, settings, use_reference=True):
+    for policy_text, reference_text in engine.stream_pair(prepared, settings):
         yield policy_text, reference_text, None, None
     rewards = [
         engine.implicit_reward(prepared.input_ids, t) if t.strip() else 0.0 for t in (policy_text, reference_text)

@@ -200,6 +200,41 @@ class Engine:
         finally:
             self.scheduler.withdraw(request)
 
+    def stream_pair(self, prompt: PreparedPrompt, settings: GenerationSettings) -> Iterator[tuple[str, str]]:
+        """Yield (the policy's reply, the reference's) as both grow, with the same settings and seed: two streams
+        at once, which the CPU decoder decodes in one batch (``generate`` runs one batch after the other). Closing
+        the iterator stops both; an error in either ends it."""
+        updates: queue.Queue = queue.Queue()
+        requests: list[Request] = []
+
+        def pump(index: int) -> None:
+            try:
+                for text in self.stream(prompt, settings, use_reference=index == 1, on_submit=requests.append):
+                    updates.put((index, text))
+            except BaseException as error:  # raised in the consumer's thread
+                updates.put((index, error))
+            finally:
+                updates.put((index, None))
+
+        texts, running = ["", ""], 2
+        try:
+            for index in (0, 1):
+                threading.Thread(target=pump, args=(index,), name=f"stream-pair-{index}", daemon=True).start()
+            while running:
+                index, update = updates.get()
+                if update is None:
+                    running -= 1
+                elif isinstance(update, BaseException):
+                    raise update
+                else:
+                    texts[index] = update
+                    if updates.empty():  # take what has arrived from both first
+                        yield texts[0], texts[1]
+            yield texts[0], texts[1]
+        finally:
+            for request in list(requests):
+                self.scheduler.withdraw(request)
+
     def _pieces(self, request: Request) -> Iterator[str]:
         """The request's text as its streamer gives it. Waiting for a batch is not an error (the queue in front
         bounds that wait); a running request that produces nothing for ``stream_timeout`` seconds is."""

@@ -83,6 +83,8 @@ class JoinCheck:
 class GenerateBackend:
     """Runs batches through ``generate``; ``model_for(use_reference)`` is a context giving the model to run."""
 
+    mixes_models = False  # the adapter is on or off for the whole model: a batch holds one model's requests
+
     def __init__(self, model_for, lock, pad_id: int, eos_ids: list[int]):
         self.model_for = model_for
         self.lock = lock  # one batch or scoring at a time: the adapter toggle is global to the model

@@ -2,8 +2,9 @@
 decoding backend (``plain.GenerateBackend`` or ``cpu.DecoderBackend``), which runs it to the end and lets
 requests that arrive meanwhile join.
 
-First come, first served: a batch holds requests for one model (the policy or its reference), and a request
-joins a running batch only when it is the oldest waiting one and there is room.
+First come, first served: a request joins a running batch only when it is the oldest waiting one and there is
+room. With ``generate`` a batch holds requests for one model (the policy or its reference); the CPU decoder's
+backend (``mixes_models``) takes both in one batch.
 """
 
 from __future__ import annotations
@@ -45,22 +46,25 @@ class Scheduler:
                 self._waiting.remove(request)
                 request.finish()
 
-    def can_join(self, use_reference: bool, running: int) -> bool:
-        """The oldest waiting request is for this model and fits beside ``running`` rows."""
+    def can_join(self, use_reference: bool | None, running: int) -> bool:
+        """The oldest waiting request fits beside ``running`` rows and is for this model (``use_reference``; None:
+        for either)."""
         waiting = self._waiting[:1]
-        return running < self.max_batch and bool(waiting) and waiting[0].use_reference == use_reference
+        return (running < self.max_batch and bool(waiting)
+                and use_reference in (None, waiting[0].use_reference))  # fmt: skip
 
-    def joining(self, use_reference: bool, running: int) -> list[Request]:
-        """The waiting requests that join a batch of ``running`` rows for this model now (removed from the queue)."""
+    def joining(self, use_reference: bool | None, running: int) -> list[Request]:
+        """The waiting requests that join a batch of ``running`` rows now (removed from the queue): for this model,
+        or for either (None)."""
         with self._ready:
             if not self.can_join(use_reference, running):
                 return []
             return self._take(use_reference, self.max_batch - running)
 
-    def _take(self, use_reference: bool, room: int) -> list[Request]:
-        """Remove up to ``room`` waiting requests for this model from the queue (the caller holds ``_ready``);
-        those already stopped finish here."""
-        taken = [r for r in self._waiting if r.use_reference == use_reference][:room]
+    def _take(self, use_reference: bool | None, room: int) -> list[Request]:
+        """Remove up to ``room`` waiting requests for this model (None: for either) from the queue, oldest first
+        (the caller holds ``_ready``); those already stopped finish here."""
+        taken = [r for r in self._waiting if use_reference in (None, r.use_reference)][:room]
         for request in taken:
             self._waiting.remove(request)
             if request.stopped:
@@ -79,7 +83,8 @@ class Scheduler:
             with self._ready:
                 if not self._waiting:  # all withdrawn meanwhile
                     continue
-                batch = self._take(self._waiting[0].use_reference, self.max_batch)
+                model = None if self.backend.mixes_models else self._waiting[0].use_reference
+                batch = self._take(model, self.max_batch)
             if batch:
                 return batch
 

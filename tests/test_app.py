@@ -60,11 +60,14 @@ def test_sampling_with_a_seed_is_reproducible(client):
     assert first == client.predict("Tell me a story", "Continue text", *sampled.values(), api_name="/generate")
 
 
-def test_compare_streams_both_and_scores_like_a_direct_computation(client, engine):
+def test_compare_streams_both_at_once_and_scores_like_a_direct_computation(client, engine):
     updates = list(client.submit("Hi", *GREEDY.values(), api_name="/compare"))
     policy, reference, policy_reward, reference_reward = updates[-1]
-    assert any(u[0] and not u[1] for u in updates[:-1])  # the DPO side streamed before the reference
+    assert any(u[0] and u[1] and u[0] != policy and u[1] != reference for u in updates)  # both growing at once
     prompt_ids = engine.prepare("Hi", "Assistant reply", 24).input_ids
+    assert policy == direct_greedy(engine, prompt_ids, max_new_tokens=24)
+    with engine.policy.model.disable_adapter():
+        assert reference == direct_greedy(engine, prompt_ids, max_new_tokens=24)
     assert policy_reward == pytest.approx(engine.implicit_reward(prompt_ids, policy), abs=1e-4)
     assert reference_reward == pytest.approx(engine.implicit_reward(prompt_ids, reference), abs=1e-4)
     assert policy != reference  # the adapter changed the model

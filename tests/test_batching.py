@@ -19,7 +19,8 @@ VOCAB, EOS = 100, 99
 class ScriptedDecoder:
     """Cache rows hold each row's last token; the logits favour that token plus one."""
 
-    def __init__(self, between_steps=lambda step: None):
+    def __init__(self, between_steps=lambda step: None, stride: int = 1):
+        self.stride = stride  # the next token is the last plus this
         self.rows: list[int] = []
         self.steps = 0
         self.widths: list[int] = []  # rows decoded at each step
@@ -30,7 +31,7 @@ class ScriptedDecoder:
 
     def _logits(self, last: list[int]):
         logits = torch.zeros(len(last), VOCAB)
-        logits[range(len(last)), [(t + 1) % VOCAB for t in last]] = 1.0
+        logits[range(len(last)), [(t + self.stride) % VOCAB for t in last]] = 1.0
         return logits
 
     def prefill_rows(self, prompts):
@@ -50,12 +51,12 @@ class ScriptedDecoder:
         self.rows.pop()
 
 
-def request(first_token: int, max_new_tokens: int) -> Request:
+def request(first_token: int, max_new_tokens: int, use_reference: bool = False) -> Request:
     settings = GenerationSettings.validated(
         max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
         no_repeat_ngram_size=0, seed=0,
     )  # fmt: skip
-    return Request([1, first_token], settings, use_reference=False)
+    return Request([1, first_token], settings, use_reference=use_reference)
 
 
 def scheduler_for(decoder: ScriptedDecoder, max_batch: int = 4) -> Scheduler:
@@ -112,6 +113,30 @@ def test_an_arrival_joins_the_running_rows_at_the_next_step():
     assert streamed(late) == [61, 62, 63, END]
     assert scheduler.batch_sizes == [1, 2]  # one batch: the arrival joined it, nothing restarted
     assert decoder.steps == 5  # 6 tokens of the first row: 1 from its prefill, 5 decode steps
+
+
+def test_the_policy_and_the_reference_decode_in_one_batch_each_in_its_own_cache():
+    """Compare and the Arena: a request for each model, sent together, stream at once (one step of each model in
+    turn), and a reference request that arrives joins the running policy rows instead of waiting for their end."""
+    late = request(70, 2, use_reference=True)
+    scheduler = None
+
+    def arrive(step):
+        if step == 2:
+            scheduler.submit(late)
+
+    policy, reference = ScriptedDecoder(arrive), ScriptedDecoder(stride=2)
+    backend = DecoderBackend(lambda use_reference: reference if use_reference else policy, threading.Lock(), [EOS])
+    scheduler = Scheduler(backend, max_batch=4, wait_s=0.05)  # the pair, sent one after the other, starts together
+    pair = [request(10, 5), request(10, 4, use_reference=True)]
+    for each in pair:
+        scheduler.submit(each)
+    assert all(r.wait_finished(10) for r in [*pair, late])
+    assert streamed(pair[0]) == [11, 12, 13, 14, 15, END]
+    assert streamed(pair[1]) == [12, 14, 16, 18, END]
+    assert streamed(late) == [72, 74, END]
+    assert scheduler.batch_sizes == [2, 3]  # one batch: the pair together, then the arrival joined
+    assert policy.widths == [1, 1, 1, 1] and reference.widths == [1, 1, 2]
 
 
 def test_a_full_batch_makes_arrivals_wait_for_a_free_row():

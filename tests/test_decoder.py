@@ -281,3 +281,32 @@ def test_a_compiled_decoder_applies_the_adapter_as_the_eager_one_does(tiny_adapt
 
     model = load_model(tiny_adapter).model
     assert_compiled_views_equal_eager(model)
+
+
+def test_the_policy_and_its_reference_view_decode_in_turn_each_as_alone(tiny_adapter):
+    """The view without the adapter has a cache of its own: Compare's two replies decode step by step in turn, and
+    each row's logits are those it has decoding alone (several rows of each, so rows and caches cannot mix)."""
+    from dpo_space.models import load_model
+
+    policy = LlamaDecoder(load_model(tiny_adapter).model, "fp32")
+    reference = policy.without_adapter()
+    prompts = [[5, 17, 300, 42], [8, 9]]
+
+    def decode(view, step: int):
+        return view.decode([100 + step, 200 + step])
+
+    alone = {}
+    for view in (policy, reference):
+        view.reset()
+        view.prefill_rows(prompts)
+        alone[view.adapter] = torch.stack([decode(view, step) for step in range(4)])
+    for view in (policy, reference):
+        view.reset()
+        view.prefill_rows(prompts)
+    in_turn = {True: [], False: []}
+    for step in range(4):
+        for view in (policy, reference):
+            in_turn[view.adapter].append(decode(view, step))
+    for adapter in (True, False):
+        assert torch.allclose(torch.stack(in_turn[adapter]), alone[adapter], atol=1e-5)
+    assert (alone[True] - alone[False]).abs().max() > 1e-3

@@ -23,7 +23,11 @@ def packs(requests: list, budget: int) -> list[list]:
 
 
 class DecoderBackend:
-    """Runs batches on ``decoder_for(use_reference)``, a ``LlamaDecoder`` (the policy's, or the reference's)."""
+    """Runs batches on ``decoder_for(use_reference)``, a ``LlamaDecoder`` (the policy's, or the reference's, each
+    with a cache of its own). A batch may hold requests for both: each step decodes the policy's rows, then the
+    reference's, so that Compare and the Arena stream both replies at once."""
+
+    mixes_models = True  # the scheduler lets a request for either model join a running batch
 
     def __init__(self, decoder_for, lock, eos_ids: list[int]):
         self.decoder_for = decoder_for
@@ -35,29 +39,35 @@ class DecoderBackend:
         failure reaches every request that joined."""
         import torch
 
-        kind = batch[0].use_reference
-        decoder = self.decoder_for(kind)
-        decoder.reset()
-        rows: list[Request] = []
+        rows: dict[bool, list[Request]] = {False: [], True: []}  # by use_reference, in each cache's row order
+        decoders = {use_reference: self.decoder_for(use_reference) for use_reference in rows}
         new = list(batch)
         processors: dict[int, list] = {}  # by id(request)
         with self.lock:
-            while new or rows:
+            for decoder in decoders.values():
+                decoder.reset()
+            while new or rows[False] or rows[True]:
                 for request in new:
                     request.start()
                     request.generator = torch.Generator().manual_seed(request.settings.seed)
                     processors[id(request)] = row_processors(request.settings)
-                for group in packs(new, PACK_TOKENS):  # arrivals together: one pass through the weights
-                    logits = decoder.prefill_rows([r.prompt_ids for r in group])
-                    rows += group
-                    self._advance(group, logits, processors)
+                for use_reference, own in rows.items():
+                    decoder = decoders[use_reference]
+                    arrivals = [r for r in new if r.use_reference == use_reference]
+                    for group in packs(arrivals, PACK_TOKENS):  # arrivals together: one pass through the weights
+                        logits = decoder.prefill_rows([r.prompt_ids for r in group])
+                        own += group
+                        self._advance(group, logits, processors)
+                running = len(rows[False]) + len(rows[True])
                 if new:
-                    scheduler.batch_sizes.append(len(rows))
-                self._retire(decoder, rows)
-                if rows:
-                    self._advance(rows, decoder.decode([r.generated[-1] for r in rows]), processors)
-                    self._retire(decoder, rows)
-                new = scheduler.joining(kind, len(rows))
+                    scheduler.batch_sizes.append(running)
+                for use_reference, own in rows.items():
+                    decoder = decoders[use_reference]
+                    self._retire(decoder, own)
+                    if own:
+                        self._advance(own, decoder.decode([r.generated[-1] for r in own]), processors)
+                        self._retire(decoder, own)
+                new = scheduler.joining(None, len(rows[False]) + len(rows[True]))
                 batch += new
 
     def _advance(self, rows: list[Request], logits, processors: dict[int, list]) -> None:

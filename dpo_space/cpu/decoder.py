@@ -351,7 +351,8 @@ class LlamaDecoder:
 
     ``model``: a Llama, or a PEFT LoRA model on one; it is read once (later changes do not reach the decoder).
     ``adapter``: whether this decoder applies the LoRA adapter; ``without_adapter()`` gives the other view, which
-    shares the weights and the cache (run one at a time)."""
+    shares the weights and the compiled step but has a cache of its own (its rows decode beside the policy's, one
+    step each in turn; not from two threads at once)."""
 
     def __init__(self, model, weight_format: str = "int4", max_rows: int = 8):
         import torch
@@ -382,8 +383,9 @@ class LlamaDecoder:
         cos, sin = model.model.rotary_emb(self.embed[:1], torch.arange(self.max_positions)[None])
         half = self.head_dim // 2
         self.rotations = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # [position, half]
-        self.keys: list = []  # per layer: [row, kv_head, position, head_dim]; the lists are shared with the views
+        self.keys: list = []  # per layer: [row, kv_head, position, head_dim]
         self.values: list = []
+        self._first_rows_made: tuple | None = None  # (the cache it views, keys, values): see _first_rows
         self.lengths: list[int] = []  # tokens cached per row; a row's next position
         self.has_adapter = self.adapter  # a view without it still has one
         self._compiled = {"step": None}  # shared with the views: compiling one compiles all
@@ -412,6 +414,7 @@ class LlamaDecoder:
         compiled = {"step": step, "parts": parts}
         scratch = copy.copy(self)
         scratch.keys, scratch.values, scratch.lengths, scratch._compiled = [], [], [], compiled
+        scratch._first_rows_made = None
         for adapter in adapters:
             scratch.adapter = adapter
             scratch.reset()
@@ -420,7 +423,7 @@ class LlamaDecoder:
             if self.max_rows > 1:
                 scratch.prefill([0])
                 scratch.decode([0, 0])
-        self._compiled.update(step=step, parts=parts)  # not the scratch cache's views (its "first_rows")
+        self._compiled.update(step=step, parts=parts)
         return time.perf_counter() - started
 
     def without_adapter(self) -> LlamaDecoder:
@@ -428,6 +431,7 @@ class LlamaDecoder:
 
         view = copy.copy(self)
         view.adapter = False
+        view.keys, view.values, view.lengths, view._first_rows_made = [], [], [], None
         return view
 
     # --- cache rows ---
@@ -471,7 +475,7 @@ class LlamaDecoder:
 
         have = tuple(self.keys[0].shape[::2]) if self.keys else (0, 0)
         kept_rows, kept_length = min(rows, have[0]), min(length, have[1])
-        self._compiled.pop("first_rows", None)  # views of the caches replaced below
+        self._first_rows_made = None  # views of the caches replaced below
         for cache in (self.keys, self.values):
             for i in range(len(self.layers)):
                 new = torch.zeros(rows, self.kv_heads, length, self.head_dim, dtype=self.attention_dtype)
@@ -603,15 +607,15 @@ class LlamaDecoder:
 
     def _first_rows(self) -> tuple[list, list]:
         """Each layer's keys and values as a one-row cache, what the compiled graph takes: the caches themselves,
-        or views of their first row, made once per cache (not once per token) and shared with the views."""
+        or views of their first row, made once per cache (not once per token)."""
         import torch
 
-        made = self._compiled.get("first_rows")
+        made = self._first_rows_made
         if made is None or made[0] is not self.keys[0]:
             keys, values = self.keys, self.values
             if keys[0].shape[0] > 1:
                 keys, values = [k[:1] for k in keys], [v[:1] for v in values]
                 for cache in (*keys, *values):
                     torch._dynamo.mark_dynamic(cache, 2)
-            made = self._compiled["first_rows"] = (self.keys[0], keys, values)
+            made = self._first_rows_made = (self.keys[0], keys, values)
         return made[1], made[2]
