@@ -30,7 +30,8 @@ test-fast: $(STAMP)
 #   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF
 #   -DGGML_AMX_BF16=OFF" .venv/bin/pip install llama-cpp-python==0.3.36   (one command, on one line)
 bench: $(STAMP)
-	$(PY) -m bench.serve --model embedded
+	$(PY) -m bench.serve
+	$(PY) -m bench.load
 	$(PY) -m bench.levers --model embedded
 	$(PY) -m bench.train --model embedded
 

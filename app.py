@@ -142,10 +142,15 @@ def chat(
 
 
 def add_user_message(message: str, history: list):
-    """The Chat tab's first step: the typed message joins the conversation and the box empties."""
+    """The Chat tab's first step: the typed message joins the conversation, and the box empties and stays locked
+    until the reply has ended (a message sent meanwhile would race the reply's last update for the chat)."""
     if not isinstance(message, str) or not message.strip():
         raise gr.Error("message is empty: type something first")
-    return "", [*check_messages(history), {"role": "user", "content": message}]
+    return gr.Textbox(value="", interactive=False), [*check_messages(history), {"role": "user", "content": message}]
+
+
+def unlock_message_box():
+    return gr.Textbox(interactive=True)
 
 
 def respond(history: list, system_prompt: str, model: str, *values):
@@ -297,12 +302,14 @@ def build_ui() -> gr.Blocks:
             asked = gr.on([send.click, message.submit], add_user_message, [message, chatbot], [message, chatbot],
                           **private)  # fmt: skip
             answering = asked.success(respond, reply_inputs, chatbot, concurrency_id="model", **private)
+            answering.then(unlock_message_box, None, message, **private)  # after the reply's last update, or its error
             retried = chatbot.retry(without_last_reply, chatbot, chatbot, **private)
             retrying = retried.then(respond, reply_inputs, chatbot, concurrency_id="model", **private)
             chatbot.undo(without_last_turn, chatbot, [message, chatbot], **private)
             chatbot.like(feedback, [chatbot, talk_to], None, **private)
-            chat_stop.click(None, cancels=[answering, retrying])
-            chat_clear.click(lambda: ("", []), None, [message, chatbot], cancels=[answering, retrying], **private)
+            chat_stop.click(unlock_message_box, None, message, cancels=[answering, retrying], **private)
+            chat_clear.click(lambda: (gr.Textbox(value="", interactive=True), []), None, [message, chatbot],
+                             cancels=[answering, retrying], **private)  # fmt: skip
             gr.api(chat, api_name="chat")
         with gr.Tab("Arena"):
             gr.Markdown(f"Two anonymous replies, the DPO model's and its reference's in a random order. Which is "

@@ -1,6 +1,9 @@
 """Serving speed: time to first token and decode speed, single stream and concurrent users over HTTP.
 
-    python -m bench.serve [--model embedded] [--new-tokens 128] [--concurrency 1,2,4,8]
+    python -m bench.serve [--model MODEL_ID] [--new-tokens 128] [--concurrency 1,2,4,8]
+
+``--model`` defaults to what visitors get: the shipped DPO adapter, kept apart from its embedded base (``embedded``
+measures the base alone); llama.cpp runs the same base GGUF.
 
 Side by side in one run, greedy, on prompts of about 16, 256 and 1,024 tokens (each path ``--repeats`` times,
 interleaved; medians):
@@ -31,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.machine import describe
+from dpo_space.settings import DEFAULT_MODEL_ID
+from dpo_space.shipped import display_name
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -191,7 +196,7 @@ def batch_paths(loaded, engine, prompts: list[str], new_tokens: int) -> list[dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", default="16,256,1024")
     parser.add_argument("--concurrency", default="1,2,4,8")
@@ -257,8 +262,9 @@ def main() -> None:
     for row in batched:
         print(row, flush=True)
 
-    result = {"machine": describe(), "model": args.model, "new_tokens": args.new_tokens, "single_stream": rows,
-              "concurrent": concurrency, "batch_of": args.batch, "batched": batched}  # fmt: skip
+    result = {"machine": describe(), "model": display_name(args.model), "new_tokens": args.new_tokens,
+              "single_stream": rows, "concurrent": concurrency, "batch_of": args.batch,
+              "batched": batched}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'path':<15} {'prompt':>6} {'TTFT s':>8} {'decode tok/s':>13}")

@@ -44,7 +44,7 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
                 except TimeoutError:
                     continue
             _wait_until(lambda turn=turn: messages.count() >= 2 * turn and _idle(page), 300)
-            _settle(page, quiet=6.0)  # the stream's last update has reached the chat before the next message
+            # the next message goes as soon as the box takes it again (fill waits until it is editable)
         chat = [messages.nth(i).inner_text() for i in range(messages.count())]
         page.screenshot(path=str(out / "chat.png"), full_page=True)
 
@@ -105,15 +105,6 @@ def _visible(locator):
 def _idle(page) -> bool:
     """No output is streaming (Gradio marks it ``.generating``) or waiting (``.pending``)."""
     return page.locator(".generating, .pending").count() == 0
-
-
-def _settle(page, quiet: float = 2.0) -> None:
-    """Wait until nothing has streamed for ``quiet`` seconds (Gradio can drop its marker between chunks)."""
-    since = time.monotonic()
-    while time.monotonic() - since < quiet:
-        if not _idle(page):
-            since = time.monotonic()
-        time.sleep(0.1)
 
 
 def _wait_until(condition, timeout: float) -> None:

@@ -11,7 +11,7 @@ from gradio_client import Client
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bench.load import run_load
+from bench.load import KINDS, run_load
 from tests.server import ROOT, running_app
 
 pytestmark = pytest.mark.slow  # the real app under load, hostile input and a crashing model
@@ -40,7 +40,9 @@ LlamaDecoder.prefill_rows = prefill_rows
 
 @pytest.fixture(scope="module")
 def app(tiny_adapter):
-    with running_app(tiny_adapter, preamble=CRASH_PREAMBLE, HF_TOKEN=SECRET, QUEUE_MAX_SIZE="16") as (url, proc):
+    # ARENA_MIN_SECONDS=0: the load test's simulated visitors vote as soon as their replies end
+    with running_app(tiny_adapter, preamble=CRASH_PREAMBLE, HF_TOKEN=SECRET, QUEUE_MAX_SIZE="16",
+                     ARENA_MIN_SECONDS="0") as (url, proc):  # fmt: skip
         yield url, proc
 
 
@@ -70,11 +72,13 @@ def sse_call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, 
     return event or "no event", payload
 
 
-def test_32_concurrent_users_are_served_or_told_busy(app):
+def test_32_concurrent_users_of_every_kind_are_served_or_told_busy(app):
+    """Chat, Generate, Compare, Arena rounds with votes and OpenAI-API calls at once (bench.load's mix)."""
     url, proc = app
     result = run_load(url, proc.pid, users=32, requests=2, rounds=3, max_new_tokens=8)
     assert set(result["outcomes"]) <= {"completed", "busy"}, result["outcomes"]
     assert result["outcomes"]["completed"] >= 16 * 3  # the queue holds 16; memory and latency: python -m bench.load
+    assert all(result["by_kind"][kind].get("completed") for kind in KINDS), result["by_kind"]
 
 
 def wait_until_idle(client, deadline_s: float = 60) -> bool:
