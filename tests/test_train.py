@@ -43,6 +43,9 @@ def test_lora_changes_only_adapter_weights(tmp_path, tiny_path):
     run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny"  # portable name, not this machine's cache path
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"))
+    assert checkpoints and all(json.loads((c / "adapter_config.json").read_text())["base_model_name_or_path"] ==
+                               "tiny" for c in checkpoints)  # a checkpoint evaluates anywhere too  # fmt: skip
     adapter = load_file(tmp_path / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0

@@ -3,11 +3,13 @@
 The Trainer writes ``checkpoint-N`` in place. ``CheckpointMarks``, a ``TrainerCallback``, marks the folder
 ``.incomplete`` before the Trainer writes anything into it (``on_step_end``/``on_epoch_end``, when the Trainer is
 about to save) and removes the mark only in ``on_save``, after the last file (``trainer_state.json``), so a run
-killed while saving leaves a folder that resuming and loading refuse.
+killed while saving leaves a folder that resuming and loading refuse. An adapter's checkpoint records its base by
+the name the run was given (``embedded``), as the final folder does, so it loads and evaluates on any machine.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from accelerate import PartialState
@@ -53,9 +55,21 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+def record_adapter_base(folder: str | Path, base_name: str) -> None:
+    """Record an adapter's base by its portable name (e.g. ``embedded``), not this machine's cache path."""
+    path = Path(folder) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_name
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 class CheckpointMarks(TrainerCallback):
     """Marks each checkpoint folder ``.incomplete`` while the Trainer writes it (every rank waits for the mark
-    before writing, and for every other rank before it is removed)."""
+    before writing, and for every other rank before it is removed). ``adapter_base``: the name an adapter's
+    checkpoint records as its base."""
+
+    def __init__(self, adapter_base: str | None = None):
+        self.adapter_base = adapter_base
 
     def _mark_if_saving(self, args, state, control):
         if not control.should_save:
@@ -75,4 +89,7 @@ class CheckpointMarks(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         PartialState().wait_for_everyone()
         if state.is_world_process_zero:
-            (Path(args.output_dir) / f"{PREFIX}{state.global_step}" / INCOMPLETE).unlink(missing_ok=True)
+            folder = Path(args.output_dir) / f"{PREFIX}{state.global_step}"
+            if self.adapter_base and (folder / "adapter_config.json").is_file():
+                record_adapter_base(folder, self.adapter_base)
+            (folder / INCOMPLETE).unlink(missing_ok=True)

@@ -193,14 +193,6 @@ def write_run_config(output_dir: str, script_args, training_args, model_args, ar
     RunRecord.write(output_dir, asdict(script_args), asdict(model_args), training_args.to_dict(), command)
 
 
-def record_adapter_base(output_dir: str, base_name: str) -> None:
-    """Record the base by its portable name (e.g. ``embedded``), not this machine's cache path."""
-    path = Path(output_dir) / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = base_name
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 def top_layers(count: int, peft_config, model) -> list[int]:
     """The indices of the top ``count`` decoder layers, for ``LoraConfig.layers_to_transform``."""
     total = model.config.num_hidden_layers
@@ -220,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from dpo_space.models import load_causal_lm, load_tokenizer
     from train.card import write_card
-    from train.checkpoints import CheckpointMarks, resolve_resume
+    from train.checkpoints import CheckpointMarks, record_adapter_base, resolve_resume
     from train.report import write_report
     from train.speed import fast_dpo_trainer
 
@@ -241,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = fast_dpo_trainer(DPOTrainer)(
         share_prompts=script_args.share_prompts,
         completions_only=script_args.completion_logits_only,
-        callbacks=[CheckpointMarks()],
+        callbacks=[CheckpointMarks(adapter_base=name if peft_config is not None else None)],
         model=model,
         ref_model=ref_model,
         args=training_args,
