@@ -299,3 +299,18 @@ def test_training_with_shared_prompts_matches_training_without(tmp_path, tiny_pa
     shared = run_tiny(tmp_path / "shared")
     alone = run_tiny(tmp_path / "alone", "--share_prompts", "false")
     assert shared["train_loss"] == pytest.approx(alone["train_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_stop_after_steps_reproduces_a_longer_runs_checkpoint(tmp_path, tiny_path):
+    """stop_after_steps 2 of the tiny recipe's 4: the same losses and learning rates as the first two steps of the
+    whole run (the schedule is the whole run's, not one planned for 2 steps), then it ends."""
+    whole = run_tiny(tmp_path / "whole")
+    stopped = run_tiny(tmp_path / "stopped", "--stop_after_steps", "2")
+
+    def steps(results: dict) -> list[tuple]:
+        return [(e["step"], e["loss"], e["learning_rate"]) for e in results["log_history"] if "loss" in e]
+
+    assert steps(stopped) == steps(whole)[:2] and len(steps(whole)) == 4
+    with pytest.raises(ValueError, match="stop_after_steps must be at least 1; got 0"):
+        run_tiny(tmp_path / "none", "--stop_after_steps", "0")

@@ -93,3 +93,17 @@ class CheckpointMarks(TrainerCallback):
             if self.adapter_base and (folder / "adapter_config.json").is_file():
                 record_adapter_base(folder, self.adapter_base)
             (folder / INCOMPLETE).unlink(missing_ok=True)
+
+
+class StopAfterSteps(TrainerCallback):
+    """Ends training after ``steps`` optimizer steps, leaving the learning-rate schedule that of the whole run (the
+    Trainer's ``max_steps`` would plan the schedule for ``steps`` instead)."""
+
+    def __init__(self, steps: int):
+        if steps < 1:
+            raise ValueError(f"stop_after_steps must be at least 1; got {steps}")
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True

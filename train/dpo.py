@@ -80,6 +80,12 @@ class ScriptArguments:
         metadata={"help": "auto: bf16 autocast where the hardware runs it natively (CUDA with bf16, or a CPU with "
                           "amx_bf16 / avx512_bf16), else fp32; bf16 or fp32 force it. Decides DPOConfig's bf16."},
     )  # fmt: skip
+    stop_after_steps: int | None = field(
+        default=None,
+        metadata={"help": "End training after this many optimizer steps, the learning-rate schedule still that of the "
+                          "whole run: a checkpoint of a longer run, reproduced (the shipped adapter is step 50 of "
+                          "smollm2-mix-balanced-lora.yaml's 149)."},
+    )  # fmt: skip
     lora_top_layers: int | None = field(
         default=None,
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
@@ -212,11 +218,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from dpo_space.models import load_causal_lm, load_tokenizer
     from train.card import write_card
-    from train.checkpoints import CheckpointMarks, record_adapter_base, resolve_resume
+    from train.checkpoints import CheckpointMarks, StopAfterSteps, record_adapter_base, resolve_resume
     from train.report import write_report
     from train.speed import fast_dpo_trainer
 
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)  # fail before loading
+    stop = [] if script_args.stop_after_steps is None else [StopAfterSteps(script_args.stop_after_steps)]
     name = model_args.model_name_or_path
     tokenizer = load_tokenizer(name)
     train_dataset, eval_dataset = load_pairs(script_args, tokenizer, training_args.seed)
@@ -233,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = fast_dpo_trainer(DPOTrainer)(
         share_prompts=script_args.share_prompts,
         completions_only=script_args.completion_logits_only,
-        callbacks=[CheckpointMarks(adapter_base=name if peft_config is not None else None)],
+        callbacks=[CheckpointMarks(adapter_base=name if peft_config is not None else None), *stop],
         model=model,
         ref_model=ref_model,
         args=training_args,
