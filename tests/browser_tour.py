@@ -34,8 +34,9 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         messages = page.locator(".message-row")
+        box = page.get_by_placeholder("Type a message and press Enter")
         for turn, text in enumerate(CHAT_TURNS, start=1):
-            page.get_by_placeholder("Type a message and press Enter").fill(text)
+            box.fill(text)
             for _ in range(3):  # a click in the first moments after loading can come before the app listens
                 page.get_by_role("button", name="Send").click()
                 try:
@@ -43,8 +44,8 @@ def tour(url: str, out: Path, prompt: str = "I am an AI engineer",
                     break
                 except TimeoutError:
                     continue
-            _wait_until(lambda turn=turn: messages.count() >= 2 * turn and _idle(page), 300)
-            # the next message goes as soon as the box takes it again (fill waits until it is editable)
+            # the box takes a message again once the reply's last update is in the chat: the next goes at once
+            _wait_until(lambda turn=turn: messages.count() >= 2 * turn and box.is_editable(), 300)
         chat = [messages.nth(i).inner_text() for i in range(messages.count())]
         page.screenshot(path=str(out / "chat.png"), full_page=True)
 
