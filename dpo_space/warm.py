@@ -19,6 +19,7 @@ import time
 from dpo_space.cli import command_parser
 from dpo_space.engine import Engine
 from dpo_space.settings import SpaceSettings
+from dpo_space.shipped import display_name
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.compiling.join()
     done = time.perf_counter()
     cache = settings.engine.compile_cache_dir or "Inductor's default"
-    result = {"model": args.model, "compiled": engine.compiled.is_set(), "load_s": round(loaded - started, 1),
-              "compile_s": round(done - loaded, 1), "cache": cache}  # fmt: skip
+    result = {"model": display_name(args.model), "compiled": engine.compiled.is_set(),
+              "load_s": round(loaded - started, 1), "compile_s": round(done - loaded, 1), "cache": cache}  # fmt: skip
     print(json.dumps(result))  # noqa: T201 (the command's output)
     return 0 if result["compiled"] else 1
 

@@ -451,7 +451,9 @@ class LlamaDecoder:
         have = tuple(self.keys[0].shape[::2]) if self.keys else (0, 0)  # (rows, length)
         if rows <= have[0] and length <= have[1]:
             return
-        want = [max(1, have[0]), max(MIN_CACHE, have[1])]
+        # at least 2 rows where several may come: the compiled one-row step then always sees a cache of 2 or more
+        # rows (a 1-row cache would be another graph, compiled at a visitor's first request)
+        want = [max(min(2, self.max_rows), have[0]), max(MIN_CACHE, have[1])]
         while want[0] < rows:
             want[0] = min(2 * want[0], self.max_rows)
         while want[1] < length:
@@ -606,16 +608,16 @@ class LlamaDecoder:
                                       self.eps)  # fmt: skip
 
     def _first_rows(self) -> tuple[list, list]:
-        """Each layer's keys and values as a one-row cache, what the compiled graph takes: the caches themselves,
-        or views of their first row, made once per cache (not once per token)."""
+        """Each layer's keys and values as a one-row cache, what the compiled graph takes: views of their first
+        row, made once per cache (not once per token)."""
         import torch
 
         made = self._first_rows_made
         if made is None or made[0] is not self.keys[0]:
-            keys, values = self.keys, self.values
-            if keys[0].shape[0] > 1:
-                keys, values = [k[:1] for k in keys], [v[:1] for v in values]
-                for cache in (*keys, *values):
-                    torch._dynamo.mark_dynamic(cache, 2)
+            # views even of a one-row cache: the graph's guards tell a view from its base, and a graph compiled on
+            # one would be compiled again (a minute) for the other at a visitor's first request
+            keys, values = [k[:1] for k in self.keys], [v[:1] for v in self.values]
+            for cache in (*keys, *values):
+                torch._dynamo.mark_dynamic(cache, 2)
             made = self._first_rows_made = (self.keys[0], keys, values)
         return made[1], made[2]
