@@ -150,10 +150,11 @@ def test_hostile_generate_input(app, prompt, mode, values, keep):
     check_outcome(app, event, payload)
 
 
+@pytest.mark.parametrize("api", ["compare", "arena"])  # a prompt and the settings: both replies at once
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=texts, values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 8))
-def test_hostile_compare_input(app, prompt, values, keep):
-    event, payload = sse_call(app[0], "compare", [prompt, *short(values)][:keep])
+def test_hostile_two_reply_input(app, api, prompt, values, keep):
+    event, payload = sse_call(app[0], api, [prompt, *short(values)][:keep])
     check_outcome(app, event, payload)
 
 
@@ -173,13 +174,6 @@ histories = st.one_of(texts, st.lists(st.one_of(numbers, st.fixed_dictionaries(
        texts), values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 11))  # fmt: skip
 def test_hostile_chat_input(app, message, history, system, model, values, keep):
     event, payload = sse_call(app[0], "chat", [message, history, system, model, *short(values)][:keep])
-    check_outcome(app, event, payload)
-
-
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
-@given(prompt=texts, values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 8))
-def test_hostile_arena_input(app, prompt, values, keep):
-    event, payload = sse_call(app[0], "arena", [prompt, *short(values)][:keep])
     check_outcome(app, event, payload)
 
 
