@@ -314,3 +314,30 @@ def test_stop_after_steps_reproduces_a_longer_runs_checkpoint(tmp_path, tiny_pat
     assert steps(stopped) == steps(whole)[:2] and len(steps(whole)) == 4
     with pytest.raises(ValueError, match="stop_after_steps must be at least 1; got 0"):
         run_tiny(tmp_path / "none", "--stop_after_steps", "0")
+
+
+def test_nll_weights_by_source():
+    from train.nll import nll_weights
+
+    assert nll_weights(["hh", "helpful", "extra"]) is None  # every source: TRL's own loss
+    assert nll_weights(["helpful"]) == {"hh": 0.0, "helpful": 1.0, "extra": 0.0}
+    assert nll_weights([]) == {"hh": 0.0, "helpful": 0.0, "extra": 0.0}
+    with pytest.raises(ValueError, match=r"nll_sources: unknown source\(s\) \['pandalm'\]; use some of"):
+        nll_weights(["pandalm"])
+
+
+@pytest.mark.slow
+def test_nll_sources_put_the_nll_term_on_the_listed_sources_only(tmp_path, tiny_path):
+    """The tiny recipe's pairs are all HH: with the NLL term on the helpful source only it trains exactly as DPO alone,
+    and with HH listed exactly as DPO plus the NLL term on every pair."""
+
+    def losses(name: str, *extra: str) -> list[float]:
+        results = run_tiny(tmp_path / name, *extra)
+        return [e["loss"] for e in results["log_history"] if "loss" in e]
+
+    dpo = losses("dpo", "--loss_type", "sigmoid")
+    both = losses("both", "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "1")
+    helpful_only = ["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "1", "--nll_sources"]
+    assert losses("helpful", *helpful_only, "helpful") == pytest.approx(dpo, abs=1e-6)
+    assert losses("hh", *helpful_only, "hh", "helpful") == pytest.approx(both, abs=1e-6)
+    assert both != pytest.approx(dpo, abs=1e-3)  # the term is there to be taken away

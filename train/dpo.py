@@ -86,6 +86,11 @@ class ScriptArguments:
                           "whole run: a checkpoint of a longer run, reproduced (the shipped adapter is step 50 of "
                           "smollm2-mix-balanced-lora.yaml's 149)."},
     )  # fmt: skip
+    nll_sources: list[str] = field(
+        default_factory=lambda: ["hh", "helpful", "extra"],
+        metadata={"help": "With loss_type sft: the sources whose chosen replies the NLL term trains on (hh, helpful, "
+                          "extra); the preference term still learns from every pair (train/nll.py)."},
+    )  # fmt: skip
     lora_top_layers: int | None = field(
         default=None,
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
@@ -134,6 +139,7 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
     from datasets import Dataset
 
     from train.data import convert_rows, is_local_file, load_hh_rows, read_jsonl, split_train_eval
+    from train.nll import WEIGHT_KEY, nll_weights
 
     name = script_args.dataset_name
     rows = list(load_hh_rows(name, script_args.dataset_data_dir, script_args.dataset_train_split))
@@ -157,11 +163,18 @@ def load_pairs(script_args: ScriptArguments, tokenizer, seed: int):
     helpful, _ = load_helpful_pairs(script_args, tokenizer, seed)
     if helpful:
         logger.info("Mixing %d helpful pairs into %d HH pairs", len(helpful), len(train))
-    train += helpful
-    for extra in script_args.extra_dataset_files:
-        rows, _ = convert_rows(read_jsonl(extra), tokenizer, extra, skip_bad_rows=skip)
-        logger.info("Mixing %d pairs of %s into the training pairs", len(rows), extra)
-        train += rows
+    extra = []
+    for path in script_args.extra_dataset_files:
+        rows, _ = convert_rows(read_jsonl(path), tokenizer, path, skip_bad_rows=skip)
+        logger.info("Mixing %d pairs of %s into the training pairs", len(rows), path)
+        extra += rows
+    weights = nll_weights(script_args.nll_sources)
+    if weights is not None:
+        logger.info("NLL term on the chosen replies of: %s", ", ".join(s for s, w in weights.items() if w) or "none")
+        for source, rows in (("hh", train), ("helpful", helpful), ("extra", extra)):
+            for row in rows:
+                row[WEIGHT_KEY] = weights[source]
+    train += helpful + extra
     return Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None
 
 
@@ -219,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_space.models import load_causal_lm, load_tokenizer
     from train.card import write_card
     from train.checkpoints import CheckpointMarks, StopAfterSteps, record_adapter_base, resolve_resume
+    from train.nll import nll_by_source_trainer
     from train.report import write_report
     from train.speed import fast_dpo_trainer
 
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
 
-    trainer = fast_dpo_trainer(DPOTrainer)(
+    trainer = nll_by_source_trainer(fast_dpo_trainer(DPOTrainer))(
         share_prompts=script_args.share_prompts,
         completions_only=script_args.completion_logits_only,
         callbacks=[CheckpointMarks(adapter_base=name if peft_config is not None else None), *stop],
