@@ -57,7 +57,8 @@ def nll_by_source_trainer(trainer_class):
                 return
             original = self.loss_weights
             scale = float(weights.float().mean())
-            self.loss_weights = [w * scale if t == "sft" else w for t, w in zip(self.loss_types, original, strict=True)]
+            pairs = zip(self.loss_types, original, strict=True)
+            self.loss_weights = [w * scale if t == "sft" else w for t, w in pairs]
             try:
                 yield
             finally:
