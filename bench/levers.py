@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 from pathlib import Path
 
-from bench.machine import describe
+from bench.machine import write_result
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined"
 LEVERS = {
@@ -117,10 +116,9 @@ def main() -> None:
     for row in rows:
         if "decode_tok_s" in row:
             row["vs_baseline"] = row["decode_tok_s"] / baseline
-    result = {"machine": describe(), "model": args.model, "adapter": args.adapter, "new_tokens": args.new_tokens,
+    result = {"model": args.model, "adapter": args.adapter, "new_tokens": args.new_tokens,
               "levers": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{'lever':<40} {'decode tok/s':>12} {'x baseline':>10} {'warm-up s':>10}")
     for row in rows:
         if "decode_tok_s" in row:

@@ -25,7 +25,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.machine import describe
+from bench.machine import write_result
 
 BUSY = ("Queue is full", "busy")  # Gradio's answer, and the OpenAI API's 503 message
 KINDS = ("chat", "generate", "compare", "arena", "openai")
@@ -198,10 +198,9 @@ def main() -> None:
                                   count))  # fmt: skip
             print(json.dumps({k: v for k, v in loads[-1].items() if k != "per_round"}, indent=2))
     result = {"model": display_name(args.model), "max_new_tokens": args.max_new_tokens,
-              "requests_per_user": args.requests, "minutes": args.minutes, "machine": describe(),
+              "requests_per_user": args.requests, "minutes": args.minutes,
               "loads": loads}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

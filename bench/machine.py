@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -15,3 +16,9 @@ def describe() -> str:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
     return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+
+
+def write_result(path: Path, result: dict) -> None:
+    """A benchmark's JSON, the machine it ran on first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": describe(), **result}, indent=2) + "\n")

@@ -26,14 +26,13 @@ import argparse
 import contextlib
 import functools
 import importlib.util
-import json
 import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.machine import describe
+from bench.machine import write_result
 from dpo_space.settings import DEFAULT_MODEL_ID
 from dpo_space.shipped import display_name
 
@@ -262,11 +261,10 @@ def main() -> None:
     for row in batched:
         print(row, flush=True)
 
-    result = {"machine": describe(), "model": display_name(args.model), "new_tokens": args.new_tokens,
+    result = {"model": display_name(args.model), "new_tokens": args.new_tokens,
               "single_stream": rows, "concurrent": concurrency, "batch_of": args.batch,
               "batched": batched}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{'path':<15} {'prompt':>6} {'TTFT s':>8} {'decode tok/s':>13}")
     for row in rows:
         if "ttft_s" in row:

@@ -17,7 +17,9 @@ recipe cannot win by learning less:
   ``train/speed.py``); every config above runs it twice, as the original did;
 - ``recipe-bf16-weights``: the recipe with the frozen base weights stored in bf16 (the adapter stays fp32);
 - ``recipe-top-15-layers``, ``recipe-top-8-layers``: the recipe with LoRA on the top 15 or 8 of the 30 layers
-  only (``--lora_top_layers``): the backward pass stops below them.
+  only (``--lora_top_layers``): the backward pass stops below them;
+- ``shipped``: the shipped model's recipe as it is (its loss, its precision choice), on its data mix: half of
+  ``--pairs`` HH, half PandaLM's helpful pairs.
 Held-out metrics come twice: from the trainer (under bf16 autocast, as it trains: a pair's summed log-probs move
 by up to ~0.5 nats with the batch it is in, more than these short runs teach) and from ``train.evaluate`` in
 fp32 on the same pairs (exact; the ones to compare).
@@ -36,10 +38,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.machine import describe
+from bench.machine import write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
+HELPFUL = ROOT.parent / "shared" / "data" / "pandalm" / "testset-v1.json.gz"
+SHIPPED_RECIPE = "train/recipes/smollm2-mix-balanced-lora.yaml"
 EVAL_8 = ["--per_device_eval_batch_size", "8"]  # the recipe's held-out batches before they became 2
 ALL_POSITIONS = ["--completion_logits_only", "false"]  # TRL's own CPU path: the LM head at prompt tokens too
 TWICE = ["--share_prompts", "false"]  # TRL's own forward: a pair's prompt in the chosen and in the rejected row
@@ -55,12 +59,17 @@ CONFIGS = {
     "recipe-bf16-weights": [*LORA, "--dtype", "bfloat16"],
     "recipe-top-15-layers": [*LORA, "--lora_top_layers", "15"],
     "recipe-top-8-layers": [*LORA, "--lora_top_layers", "8"],
+    # the shipped model's recipe, its data mix kept: half the pairs HH, half PandaLM's helpful ones
+    "shipped": ["--config", SHIPPED_RECIPE, "--helpful_dataset_name", str(HELPFUL)],
 }  # fmt: skip
+MIXED = {"shipped"}  # configurations whose --pairs are half HH, half helpful
 
 
 def run_config(name: str, args, out: Path) -> dict:
-    command = [sys.executable, "-m", "train.dpo", *CONFIGS[name], "--model_name_or_path", args.model,
-               "--dataset_name", str(args.data), "--max_samples", str(args.pairs),
+    hh_pairs = args.pairs - args.pairs // 2 if name in MIXED else args.pairs
+    mix = ["--helpful_max_samples", str(args.pairs - hh_pairs)] if name in MIXED else []
+    command = [sys.executable, "-m", "train.dpo", *CONFIGS[name], *mix, "--model_name_or_path", args.model,
+               "--dataset_name", str(args.data), "--max_samples", str(hh_pairs),
                "--max_eval_samples", str(args.eval_pairs), "--num_train_epochs", "1", "--max_steps", "-1",
                "--save_strategy", "no", "--logging_steps", "1", "--output_dir", str(out)]  # fmt: skip
     log = out.with_suffix(".log")
@@ -77,9 +86,9 @@ def run_config(name: str, args, out: Path) -> dict:
     peak_rss_gb = usage.ru_maxrss / 2**20  # KiB on Linux
     return {
         "config": name,
-        "pairs": args.pairs,
+        "pairs": train["train_pairs"],
         "train_s": train["train_runtime"],
-        "pairs_per_s": args.pairs / train["train_runtime"],
+        "pairs_per_s": train["train_pairs"] / train["train_runtime"],
         "peak_rss_gb": peak_rss_gb,
         "eval_reward_accuracy": evaluation["eval_rewards/accuracies"],
         "eval_reward_margin": evaluation["eval_rewards/margins"],
@@ -123,10 +132,9 @@ def main() -> None:
     for row in rows:
         row["speedup"] = row["pairs_per_s"] / base["pairs_per_s"]
         row["rss_ratio"] = row["peak_rss_gb"] / base["peak_rss_gb"]
-    result = {"machine": describe(), "model": args.model, "pairs": args.pairs, "eval_pairs": args.eval_pairs,
+    result = {"model": args.model, "pairs": args.pairs, "eval_pairs": args.eval_pairs,
               "runs": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"\n{result['machine']}; {args.pairs} training pairs, {args.eval_pairs} held out")
     print(f"{'config':<28} {'pairs/s':>8} {'x orig':>7} {'peak RSS GB':>12} {'x orig':>7} {'held-out acc':>13} "
           f"{'fp32 acc':>9} {'fp32 margin':>12}")  # fmt: skip
