@@ -341,3 +341,32 @@ def test_nll_sources_put_the_nll_term_on_the_listed_sources_only(tmp_path, tiny_
     assert losses("helpful", *helpful_only, "helpful") == pytest.approx(dpo, abs=1e-6)
     assert losses("hh", *helpful_only, "hh", "helpful") == pytest.approx(both, abs=1e-6)
     assert both != pytest.approx(dpo, abs=1e-3)  # the term is there to be taken away
+
+
+@pytest.mark.slow
+def test_a_checkpoint_ships_as_the_run_stopped_at_its_step(tmp_path, tiny_path):
+    """train.ship of checkpoint-2 (of 4): the adapter in bf16, the command that reproduces it (--stop_after_steps 2),
+    the training log up to step 2, a card; a checkpoint outside a finished run is refused clearly."""
+    import shutil
+
+    from dpo_space.run_record import RunRecord
+    from train.ship import ship
+
+    run = tmp_path / "run"
+    run_tiny(run, "--use_peft", "true", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj")
+    target = ship(run / "checkpoint-2", tmp_path / "shipped")
+
+    record = RunRecord.read(target)
+    assert record.command.endswith("--lora_target_modules q_proj v_proj --stop_after_steps 2")
+    assert record.sections["script"]["stop_after_steps"] == 2
+    results = json.loads((target / "train_results.json").read_text())
+    assert [e["step"] for e in results["log_history"] if "loss" in e] == [1, 2] and results["global_step"] == 2
+    shipped = load_file(target / "adapter_model.safetensors")
+    trained = load_file(run / "checkpoint-2" / "adapter_model.safetensors")
+    assert shipped.keys() == trained.keys()
+    assert all(torch.equal(shipped[k], trained[k].to(torch.bfloat16)) for k in shipped)
+    assert "--stop_after_steps 2" in (target / "README.md").read_text()  # the card's command to reproduce it
+
+    shutil.copytree(run / "checkpoint-2", tmp_path / "loose" / "checkpoint-2")
+    with pytest.raises(ValueError, match="ship a checkpoint of a finished train.dpo run"):
+        ship(tmp_path / "loose" / "checkpoint-2", tmp_path / "refused")

@@ -1,6 +1,10 @@
 """Ship a trained LoRA run into the repository: the adapter (bf16), tokenizer, card, metrics, plots and samples.
 
     python -m train.ship outputs/smollm2-hh-lora models/smollm2-135m-dpo-hh-lora
+    python -m train.ship outputs/smollm2-hh-lora/checkpoint-50 models/smollm2-135m-dpo-hh-lora
+
+A checkpoint ships as the run stopped at its step: the run's ``run_config.yaml`` with ``--stop_after_steps N``
+(the command that reproduces it), and the run's training results up to that step.
 
 Run ``python -m train.evaluate RUN_DIR`` first: its held-out numbers and samples go into the card. Checkpoints,
 optimizer state and training arguments stay behind. The adapter is stored in bfloat16 (half the bytes of
@@ -9,11 +13,16 @@ fp32); evaluate the shipped folder again to report what users get.
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import shutil
 from pathlib import Path
 
 from dpo_space.cli import command_parser
+from dpo_space.run_record import FILE
+from train.checkpoints import checkpoint_step
+from train.dpo import DPO_METRIC_PREFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +30,40 @@ MAX_ADAPTER_MB = 20
 FILES = ["adapter_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "special_tokens_map.json", "train_results.json", "eval_results.json", "run_config.yaml"]  # fmt: skip
 FOLDERS = ["report", "eval"]
+
+
+def record_checkpoint(checkpoint: Path, target: Path) -> None:
+    """``run_config.yaml`` and ``train_results.json`` for ``checkpoint-N`` of a run: the run's, stopped after N."""
+    import yaml
+
+    step, run_dir = checkpoint_step(checkpoint), checkpoint.parent
+    needed = [run_dir / FILE, run_dir / "train_results.json", checkpoint / "trainer_state.json"]
+    if not all(path.is_file() for path in needed):
+        raise ValueError(
+            f"{checkpoint}: ship a checkpoint of a finished train.dpo run (it needs {FILE} and "
+            "train_results.json in the run's folder, trainer_state.json in the checkpoint's)"
+        )
+    record = yaml.safe_load((run_dir / FILE).read_text())
+    record["script"]["stop_after_steps"] = step
+    command = shlex.split(record["command"])
+    if "--stop_after_steps" in command:  # a checkpoint of a stopped run: its own step replaces the stop
+        at = command.index("--stop_after_steps")
+        del command[at : at + 2]
+    record["command"] = shlex.join([*command, "--stop_after_steps", str(step)])
+    (target / FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    results = json.loads((run_dir / "train_results.json").read_text())
+    log_history = [e for e in state["log_history"] if e.get("step", 0) <= step]
+    last = next((e for e in reversed(log_history) if "rewards/accuracies" in e), {})
+    results = {
+        "train_pairs": results.get("train_pairs"),
+        "global_step": step,
+        "stopped_after_steps": step,
+        **{k: v for k, v in last.items() if k.startswith(DPO_METRIC_PREFIXES)},
+        "log_history": log_history,
+    }
+    (target / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def ship(run_dir: Path, target: Path) -> Path:
@@ -39,6 +82,8 @@ def ship(run_dir: Path, target: Path) -> Path:
     for name in FILES:
         if (run_dir / name).is_file():
             shutil.copy(run_dir / name, target / name)
+    if checkpoint_step(run_dir) is not None and not (run_dir / FILE).is_file():
+        record_checkpoint(run_dir, target)
     for name in FOLDERS:
         if (run_dir / name).is_dir():
             shutil.copytree(run_dir / name, target / name, dirs_exist_ok=True)
