@@ -341,6 +341,8 @@ def test_nll_sources_put_the_nll_term_on_the_listed_sources_only(tmp_path, tiny_
     assert losses("helpful", *helpful_only, "helpful") == pytest.approx(dpo, abs=1e-6)
     assert losses("hh", *helpful_only, "hh", "helpful") == pytest.approx(both, abs=1e-6)
     assert both != pytest.approx(dpo, abs=1e-3)  # the term is there to be taken away
+    with pytest.raises(ValueError, match="nll_sources needs remove_unused_columns: false"):
+        losses("dropped", *helpful_only, "helpful", "--remove_unused_columns", "true")
 
 
 @pytest.mark.slow

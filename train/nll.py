@@ -37,6 +37,10 @@ def nll_by_source_trainer(trainer_class):
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            weighted = WEIGHT_KEY in (getattr(self.train_dataset, "column_names", None) or [])
+            if weighted and self.args.remove_unused_columns:
+                raise ValueError("nll_sources needs remove_unused_columns: false (the Trainer would drop each pair's "
+                                 f"{WEIGHT_KEY} and put the NLL term on every pair)")  # fmt: skip
             collate = self.data_collator
 
             def collate_with_weights(examples):
