@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.machine import write_result
+from bench.machine import describe, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.sample2000.jsonl.gz"
@@ -135,7 +135,7 @@ def main() -> None:
     result = {"model": args.model, "pairs": args.pairs, "eval_pairs": args.eval_pairs,
               "runs": rows}  # fmt: skip
     write_result(args.out, result)
-    print(f"\n{result['machine']}; {args.pairs} training pairs, {args.eval_pairs} held out")
+    print(f"\n{describe()}; {args.pairs} training pairs, {args.eval_pairs} held out")
     print(f"{'config':<28} {'pairs/s':>8} {'x orig':>7} {'peak RSS GB':>12} {'x orig':>7} {'held-out acc':>13} "
           f"{'fp32 acc':>9} {'fp32 margin':>12}")  # fmt: skip
     for r in rows:
