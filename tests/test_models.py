@@ -86,6 +86,7 @@ def test_a_failed_build_leaves_nothing_loadable(tmp_path):
     assert (tmp_path / "model" / "w").read_text() == "ok"
 
 
+@pytest.mark.slow  # converts the embedded GGUF twice in child processes (~35 s)
 def test_a_conversion_killed_mid_way_is_rebuilt_by_the_next_start(tmp_path, monkeypatch):
     """kill -9 during the real embedded conversion; the next resolve builds a good cache."""
     script = textwrap.dedent(
