@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 
 from dpo_space.cli import command_parser
-from dpo_space.run_record import FILE
+from dpo_space.run_record import FILE, RunRecord
 from train.checkpoints import checkpoint_step
-from train.dpo import DPO_METRIC_PREFIXES
+from train.dpo import dpo_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def record_checkpoint(checkpoint: Path, target: Path) -> None:
     if "--stop_after_steps" in command:  # a checkpoint of a stopped run: its own step replaces the stop
         at = command.index("--stop_after_steps")
         del command[at : at + 2]
-    record["command"] = shlex.join([*command, "--stop_after_steps", str(step)])
-    (target / FILE).write_text(yaml.safe_dump(record, sort_keys=False))
+    command = shlex.join([*command, "--stop_after_steps", str(step)])
+    RunRecord.write(target, record["script"], record["model"], record["training"], command)
 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     results = json.loads((run_dir / "train_results.json").read_text())
@@ -60,7 +60,7 @@ def record_checkpoint(checkpoint: Path, target: Path) -> None:
         "train_pairs": results.get("train_pairs"),
         "global_step": step,
         "stopped_after_steps": step,
-        **{k: v for k, v in last.items() if k.startswith(DPO_METRIC_PREFIXES)},
+        **dpo_metrics(last),
         "log_history": log_history,
     }
     (target / "train_results.json").write_text(json.dumps(results, indent=2) + "\n")
