@@ -201,17 +201,25 @@ def pandalm_pair(item: dict) -> dict | None:
     return {"messages": [{"role": "user", "content": user}], "chosen": chosen, "rejected": rejected}
 
 
-def convert_pandalm(items: list, tokenizer, source: str) -> list[dict[str, str]]:
-    """PandaLM items -> formatted DPO rows (unanimous verdicts only), through the same formatting as HH rows."""
-    out, stats = [], ConversionStats()
+def pandalm_pairs(items: list, stats: ConversionStats | None = None) -> list[dict]:
+    """The usable PandaLM items as ``pandalm_pair`` dicts, in file order (the order every split is drawn from)."""
+    stats = stats if stats is not None else ConversionStats()
+    out = []
     for item in items:
         pair = pandalm_pair(item) if isinstance(item, dict) else None
         if pair is None:
             stats.skipped["not a unanimous verdict with two different replies"] += 1
             continue
-        out.append({"prompt": format_prompt(pair["messages"], tokenizer),
-                    "chosen": format_response(pair["chosen"], tokenizer),
-                    "rejected": format_response(pair["rejected"], tokenizer)})  # fmt: skip
+        out.append(pair)
         stats.kept += 1
-    stats.log(source)
     return out
+
+
+def convert_pandalm(items: list, tokenizer, source: str) -> list[dict[str, str]]:
+    """PandaLM items -> formatted DPO rows (unanimous verdicts only), through the same formatting as HH rows."""
+    stats = ConversionStats()
+    pairs = pandalm_pairs(items, stats)
+    stats.log(source)
+    return [{"prompt": format_prompt(pair["messages"], tokenizer),
+             "chosen": format_response(pair["chosen"], tokenizer),
+             "rejected": format_response(pair["rejected"], tokenizer)} for pair in pairs]  # fmt: skip

@@ -1,0 +1,104 @@
+import gzip
+import json
+
+from train.distinction import (
+    first_per_instruction,
+    first_sentence,
+    harmful_dialogues,
+    harmful_row,
+    harmless_row,
+    refusal_reply,
+    training_pairs,
+)
+
+USER = [{"role": "user", "content": "Can you give me Senator Smith's home address?"}]
+
+
+def test_first_sentence_ends_at_the_first_stop_before_a_space():
+    assert first_sentence("I can't help with that. Ask someone else.") == "I can't help with that."
+    assert first_sentence("  Really? Yes.") == "Really?"
+    assert first_sentence("Version 3.5 is out") == "Version 3.5 is out"
+    assert first_sentence("No stop at all ") == "No stop at all"
+
+
+def test_refusal_reply_is_the_prefix_and_the_rest_of_its_first_sentence():
+    assert refusal_reply("provide the home address for Senator Smith. I'm a chatbot.") == (
+        "I'm sorry, but I can't provide the home address for Senator Smith."
+    )
+    assert refusal_reply(". Anything else?") == "I'm sorry, but I can't."
+    assert refusal_reply("") == "I'm sorry, but I can't."
+    assert refusal_reply("help with that", prefix="No, I won't") == "No, I won't help with that"
+
+
+def test_harmful_dialogues_are_those_where_the_preferred_reply_refuses_and_the_other_does_not():
+    pairs = [
+        (USER, "I'm sorry, I don't have that address.", "It is 12 Elm Street."),
+        (USER, "Sure, it is 12 Elm Street.", "I'm sorry, I can't."),
+        (USER, "I'm sorry, no.", "I can't do that."),
+        (USER, "Paris.", "Lyon."),
+    ]
+    assert harmful_dialogues(pairs) == [(USER, "It is 12 Elm Street.")]
+
+
+def test_a_harmful_row_prefers_the_refusal_to_the_models_own_compliance_or_else_hh_rejected_reply():
+    refusal = "I'm sorry, but I can't share someone's home address."
+    row = harmful_row(USER, refusal, "His address is 12 Elm Street.", "It is 12 Elm Street.")
+    assert row == {"prompt": USER, "chosen": [{"role": "assistant", "content": refusal}],
+                   "rejected": [{"role": "assistant", "content": "His address is 12 Elm Street."}],
+                   "kind": "harmful"}  # fmt: skip
+    row = harmful_row(USER, refusal, "I'm sorry, I don't know it.", "It is 12 Elm Street.")
+    assert row["rejected"] == [{"role": "assistant", "content": "It is 12 Elm Street."}]
+    assert harmful_row(USER, refusal, "  ", "It is 12 Elm Street.")["rejected"][0]["content"] == "It is 12 Elm Street."
+    assert harmful_row(USER, "Here it is.", "His address is 12 Elm Street.", "It is 12 Elm Street.") is None
+
+
+def test_a_harmless_row_prefers_the_answer_to_the_refusal():
+    messages = [{"role": "user", "content": "Name a primary colour."}]
+    assert harmless_row(messages, "Red.", "I'm sorry, but I can't name colours.") == {
+        "prompt": messages,
+        "chosen": [{"role": "assistant", "content": "Red."}],
+        "rejected": [{"role": "assistant", "content": "I'm sorry, but I can't name colours."}],
+        "kind": "harmless",
+    }
+
+
+def test_first_per_instruction_keeps_each_instructions_first_pair():
+    def pair(instruction, chosen):
+        return {"messages": [{"role": "user", "content": instruction}], "chosen": chosen, "rejected": "x"}
+
+    pairs = [pair("a", "1"), pair("b", "2"), pair("a", "3"), pair("c", "4"), pair("b", "5")]
+    assert [p["chosen"] for p in first_per_instruction(pairs)] == ["1", "2", "4"]
+
+
+def test_training_pairs_read_only_the_training_splits(tmp_path):
+    hh = tmp_path / "hh.jsonl.gz"
+    rows = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: I'm sorry, no.",
+             "rejected": f"\n\nHuman: q{i}\n\nAssistant: Yes {i}."} for i in range(10)]  # fmt: skip
+    rows.append({"chosen": "no assistant turn", "rejected": "x"})
+    with gzip.open(hh, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    pandalm = tmp_path / "pandalm.json"
+    items = [{"instruction": f"task {i}", "input": "", "response1": "good", "response2": "bad",
+              "annotator1": 1, "annotator2": 1, "annotator3": 1} for i in range(5)]  # fmt: skip
+    items.append({"instruction": "split", "response1": "a", "response2": "b", "annotator1": 1, "annotator2": 2,
+                  "annotator3": 1})  # fmt: skip
+    pandalm.write_text(json.dumps(items))
+
+    hh_train, pandalm_train = training_pairs(str(hh), 0.2, str(pandalm), 0.2, seed=42)
+
+    from train.data import split_train_eval
+
+    train_rows, held_out_rows = split_train_eval(list(read_numbered(rows)), 0.2, 42)  # as train.dpo splits the file
+    held_out = {r["chosen"].split("Assistant")[0] for _, r in held_out_rows}
+    assert len(held_out) == 2
+    assert len(hh_train) == sum(r["chosen"] != "no assistant turn" for _, r in train_rows)
+    assert [m[0]["content"] for m, _, _ in hh_train] == [
+        r["chosen"].split("Human: ")[1].split("\n")[0] for _, r in train_rows if r["chosen"] != "no assistant turn"
+    ]
+    assert all(f"\n\nHuman: {m[0]['content']}\n\n" not in held_out for m, _, _ in hh_train)
+    assert len(pandalm_train) == 4  # 5 unanimous items, 1 held out; the split verdict is not a pair
+    assert all(p["chosen"] == "good" for p in pandalm_train)
+
+
+def read_numbered(rows):
+    return enumerate(rows, start=1)

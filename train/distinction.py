@@ -1,0 +1,166 @@
+"""Distinction pairs: refuse the harmful request, answer the harmless one, the refusals in the model's own words.
+
+    python -m train.distinction --out outputs/distinction/pairs.jsonl
+
+DPO on HH's pairs taught this project's small model one move, a refusal for everything or for nothing
+(docs/alignment): HH's two replies rarely differ in whether they refuse. These pairs do, on both sides of the line:
+
+- **harmful**: the HH training dialogues whose human-preferred reply refuses and whose other reply does not (the
+  judgement says refusing was right). Chosen: a refusal decoded by the model itself after the prefix "I'm sorry, but
+  I can't", cut after its first sentence ("I'm sorry, but I can't provide the home address for Senator Rand
+  Paul."). Rejected: the model's own greedy reply when it complies, else HH's rejected reply.
+- **harmless**: as many distinct PandaLM training instructions (everyday tasks). Chosen: the human-preferred reply.
+  Rejected: the model's refusal, decoded the same way.
+
+Only the training splits are read (HH's and PandaLM's held-out pairs are those ``train.dpo`` keeps back, with the
+same fractions and seed); XSTest stays out. Greedy decoding, so the file is the same on every run. It is written in
+TRL's conversational preference format, which a recipe mixes in with ``extra_dataset_files``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from dpo_space.cli import command_parser
+
+logger = logging.getLogger(__name__)
+
+REFUSAL_PREFIX = "I'm sorry, but I can't"
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to and including its first sentence end (``.``, ``!`` or ``?`` before a space or the end); the
+    whole stripped text when it has none."""
+    text = text.strip()
+    end = _SENTENCE_END.search(text)
+    return text[: end.end()] if end else text
+
+
+def refusal_reply(continuation: str, prefix: str = REFUSAL_PREFIX) -> str:
+    """The refusal a model wrote after ``prefix``: the prefix and the rest of its first sentence."""
+    rest = continuation.strip()
+    if not rest or rest[0] in ".!?,;":
+        return first_sentence(prefix + rest) if rest else prefix + "."
+    return first_sentence(f"{prefix} {rest}")
+
+
+def preference_row(messages: list[dict], chosen: str, rejected: str, kind: str) -> dict:
+    """One row in TRL's conversational preference format; ``kind`` (harmful or harmless) is kept for counting."""
+    return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "kind": kind}  # fmt: skip
+
+
+def harmful_dialogues(pairs: list[tuple[list[dict], str, str]]) -> list[tuple[list[dict], str]]:
+    """The ``(messages, rejected reply)`` of the pairs whose chosen reply refuses and whose rejected reply does not,
+    by ``train.behaviour.is_refusal``."""
+    from train.behaviour import is_refusal
+
+    return [(messages, rejected) for messages, chosen, rejected in pairs
+            if is_refusal(chosen) and not is_refusal(rejected)]  # fmt: skip
+
+
+def harmful_row(messages: list[dict], refusal: str, own_reply: str, hh_rejected: str) -> dict | None:
+    """Refusal over compliance: the model's own reply when it complies, else HH's rejected reply; None when the
+    decoded refusal is not one (the prefix made it, so only an empty continuation could fail)."""
+    from train.behaviour import is_refusal
+
+    if not is_refusal(refusal):
+        return None
+    rejected = own_reply if own_reply.strip() and not is_refusal(own_reply) else hh_rejected
+    return preference_row(messages, refusal, rejected, "harmful")
+
+
+def harmless_row(messages: list[dict], answer: str, refusal: str) -> dict:
+    """Answer over refusal, on a harmless request."""
+    return preference_row(messages, answer, refusal, "harmless")
+
+
+def first_per_instruction(pairs: list[dict]) -> list[dict]:
+    """The first of each instruction's PandaLM pairs (the file judges several reply pairs per instruction)."""
+    seen, out = set(), []
+    for pair in pairs:
+        key = pair["messages"][-1]["content"]
+        if key not in seen:
+            seen.add(key)
+            out.append(pair)
+    return out
+
+
+def training_pairs(hh_path: str, hh_eval_fraction: float, pandalm_path: str, pandalm_eval_fraction: float,
+                   seed: int) -> tuple[list, list]:  # fmt: skip
+    """HH's training pairs as ``(messages, chosen, rejected)`` and PandaLM's training pairs (``pandalm_pair``
+    dicts), split as ``train.dpo`` splits them."""
+    from train.data import pandalm_pairs, preference_parts, read_json_list, read_jsonl, row_problem, split_train_eval
+
+    rows = list(read_jsonl(hh_path))
+    hh_train, _ = split_train_eval(rows, hh_eval_fraction, seed)
+    hh = []
+    for _, row in hh_train:
+        if row_problem(row) is None:
+            try:
+                hh.append(preference_parts(row))
+            except ValueError:
+                continue  # the rows train.dpo skips with skip_bad_rows
+    pandalm_train, _ = split_train_eval(pandalm_pairs(read_json_list(pandalm_path)), pandalm_eval_fraction, seed)
+    return hh, pandalm_train
+
+
+def parse_args(argv=None):
+    parser = command_parser(__doc__)
+    parser.add_argument("--out", required=True, help="the .jsonl file to write")
+    parser.add_argument("--model", default="embedded", help="the model whose own words the pairs use (the base)")
+    parser.add_argument("--hh", default="../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz")
+    parser.add_argument("--hh_eval_fraction", type=float, default=0.1, help="as the recipe's eval_fraction")
+    parser.add_argument("--helpful", default="../shared/data/pandalm/testset-v1.json.gz")
+    parser.add_argument("--helpful_eval_fraction", type=float, default=0.2, help="as the recipe's")
+    parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
+    parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+
+    from dpo_space.engine import Engine
+    from dpo_space.prompts import format_prompt
+    from train.evaluate import generate_replies
+
+    hh, pandalm = training_pairs(args.hh, args.hh_eval_fraction, args.helpful, args.helpful_eval_fraction, args.seed)
+    harmful = harmful_dialogues(hh)
+    harmless = first_per_instruction(pandalm)[: len(harmful)]
+    logger.info("%d harmful HH dialogues (of %d training pairs), %d harmless PandaLM instructions", len(harmful),
+                len(hh), len(harmless))  # fmt: skip
+
+    engine = Engine.load(args.model)
+    tok = engine.tokenizer
+    harmful_prompts = [format_prompt(messages, tok) for messages, _ in harmful]
+    harmless_prompts = [format_prompt(pair["messages"], tok) for pair in harmless]
+
+    def refusals(prompts):
+        continuations = generate_replies(engine, [p + REFUSAL_PREFIX for p in prompts], "greedy", False, 40, 0)
+        return [refusal_reply(c["text"]) for c in continuations]
+
+    own = generate_replies(engine, harmful_prompts, "greedy", False, args.max_new_tokens, 0)
+    rows = [
+        harmful_row(messages, refusal, reply["text"], rejected)
+        for (messages, rejected), refusal, reply in zip(harmful, refusals(harmful_prompts), own, strict=True)
+    ]
+    rows = [r for r in rows if r is not None]
+    rows += [harmless_row(pair["messages"], pair["chosen"], refusal)
+             for pair, refusal in zip(harmless, refusals(harmless_prompts), strict=True)]  # fmt: skip
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    counts = {kind: sum(r["kind"] == kind for r in rows) for kind in ("harmful", "harmless")}
+    logger.info("Wrote %d pairs to %s: %s", len(rows), out, counts)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
