@@ -1,14 +1,20 @@
 import gzip
 import json
 
+import pytest
+
+from tests.conftest import ROOT
 from train.distinction import (
+    QUESTIONS_FILE,
     first_per_instruction,
     first_sentence,
     harmful_dialogues,
     harmful_row,
     harmless_row,
+    read_questions,
     refusal_reply,
     training_pairs,
+    usable_answer,
 )
 
 USER = [{"role": "user", "content": "Can you give me Senator Smith's home address?"}]
@@ -102,3 +108,33 @@ def test_training_pairs_read_only_the_training_splits(tmp_path):
 
 def read_numbered(rows):
     return enumerate(rows, start=1)
+
+
+def test_read_questions_leaves_out_comments_and_blank_lines(tmp_path):
+    path = tmp_path / "q.txt"
+    path.write_text("# a comment\nHow do I boil an egg?\n\n  # indented comment\n  Why is the sky blue?  \n")
+    assert read_questions(path) == ["How do I boil an egg?", "Why is the sky blue?"]
+
+
+def test_a_usable_answer_neither_refuses_nor_loops():
+    assert usable_answer("Boil it for six minutes, then cool it in cold water.")
+    assert not usable_answer("I'm sorry, but I can't help with eggs.")
+    assert not usable_answer("   ")
+    assert not usable_answer("boil the egg " * 10)
+
+
+XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
+
+
+def test_the_everyday_questions_are_neither_evaluation_prompts_nor_the_shipped_model_tests():
+    from tests.test_shipped_model import BENIGN
+
+    questions = read_questions(ROOT / QUESTIONS_FILE)
+    assert len(questions) == len(set(questions)) >= 140
+    assert not set(questions) & set(BENIGN)  # the shipped model's behaviour test asks what training never saw
+    if not XSTEST.is_file():
+        pytest.skip(f"XSTest not found at {XSTEST} (it lives in ../shared, never in the repo)")
+    from train.behaviour import read_xstest
+
+    xstest = {row["prompt"].strip().lower() for row in read_xstest(XSTEST)}
+    assert not {q.lower() for q in questions} & xstest

@@ -1,6 +1,6 @@
 """Distinction pairs: refuse the harmful request, answer the harmless one, the refusals in the model's own words.
 
-    python -m train.distinction --out outputs/distinction/pairs.jsonl
+    python -m train.distinction --out outputs/distinction/pairs-questions.jsonl
 
 DPO on HH's pairs taught this project's small model one move, a refusal for everything or for nothing
 (docs/alignment): HH's two replies rarely differ in whether they refuse. These pairs do, on both sides of the line:
@@ -9,8 +9,11 @@ DPO on HH's pairs taught this project's small model one move, a refusal for ever
   judgement says refusing was right). Chosen: a refusal decoded by the model itself after the prefix "I'm sorry, but
   I can't", cut after its first sentence ("I'm sorry, but I can't provide the home address for Senator Rand
   Paul."). Rejected: the model's own greedy reply when it complies, else HH's rejected reply.
-- **harmless**: as many distinct PandaLM training instructions (everyday tasks). Chosen: the human-preferred reply.
-  Rejected: the model's refusal, decoded the same way.
+- **harmless**: as many distinct PandaLM training instructions (everyday tasks; chosen: the human-preferred reply),
+  and everyday questions written for this project (``train/prompts/everyday_questions.txt``; chosen: the model's
+  own greedy answer, when it does not refuse or loop), because PandaLM's instructions are tasks ("Rewrite the
+  sentence ...") and a model taught on them alone learns that a question is what to refuse. Rejected: the model's
+  refusal, decoded the same way.
 
 Only the training splits are read (HH's and PandaLM's held-out pairs are those ``train.dpo`` keeps back, with the
 same fractions and seed); XSTest stays out. Greedy decoding, so the file is the same on every run. It is written in
@@ -90,6 +93,23 @@ def first_per_instruction(pairs: list[dict]) -> list[dict]:
     return out
 
 
+QUESTIONS_FILE = "train/prompts/everyday_questions.txt"
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """One question a line; blank lines and lines starting with ``#`` left out."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def usable_answer(reply: str, max_repeated: float = 0.1) -> bool:
+    """An answer worth preferring and imitating: not empty, not a refusal, at most ``max_repeated`` of its word
+    4-grams repeated."""
+    from train.behaviour import is_refusal, repeated_ngram_share
+
+    return bool(reply.strip()) and not is_refusal(reply) and repeated_ngram_share(reply.split(), 4) <= max_repeated
+
+
 def training_pairs(hh_path: str, hh_eval_fraction: float, pandalm_path: str, pandalm_eval_fraction: float,
                    seed: int) -> tuple[list, list]:  # fmt: skip
     """HH's training pairs as ``(messages, chosen, rejected)`` and PandaLM's training pairs (``pandalm_pair``
@@ -117,6 +137,7 @@ def parse_args(argv=None):
     parser.add_argument("--hh_eval_fraction", type=float, default=0.1, help="as the recipe's eval_fraction")
     parser.add_argument("--helpful", default="../shared/data/pandalm/testset-v1.json.gz")
     parser.add_argument("--helpful_eval_fraction", type=float, default=0.2, help="as the recipe's")
+    parser.add_argument("--questions", default=QUESTIONS_FILE, help="everyday questions, one a line ('' for none)")
     parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
     return parser.parse_args(argv)
@@ -152,6 +173,15 @@ def main(argv=None) -> list[dict]:
     rows = [r for r in rows if r is not None]
     rows += [harmless_row(pair["messages"], pair["chosen"], refusal)
              for pair, refusal in zip(harmless, refusals(harmless_prompts), strict=True)]  # fmt: skip
+    if args.questions:
+        questions = [[{"role": "user", "content": q}] for q in read_questions(args.questions)]
+        prompts = [format_prompt(messages, tok) for messages in questions]
+        answers = [a["text"] for a in generate_replies(engine, prompts, "greedy", False, args.max_new_tokens, 0)]
+        usable = [usable_answer(a) for a in answers]
+        logger.info("%d of %d everyday questions answered without refusing or looping", sum(usable), len(usable))
+        rows += [harmless_row(messages, answer, refusal)
+                 for messages, answer, refusal, ok in zip(questions, answers, refusals(prompts), usable, strict=True)
+                 if ok]  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
