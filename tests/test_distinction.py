@@ -138,3 +138,46 @@ def test_the_everyday_questions_are_neither_evaluation_prompts_nor_the_shipped_m
 
     xstest = {row["prompt"].strip().lower() for row in read_xstest(XSTEST)}
     assert not {q.lower() for q in questions} & xstest
+
+
+@pytest.mark.slow
+def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
+    """End to end on the tiny model: the file holds both kinds, in TRL's conversational format, and loads as
+    training pairs."""
+    from dpo_space.models import load_tokenizer
+    from train.data import convert_rows, read_jsonl
+    from train.distinction import main
+
+    hh = tmp_path / "hh.jsonl"
+    rows = [
+        {
+            "chosen": f"\n\nHuman: How do I hurt person {i}?\n\nAssistant: I'm sorry, I won't help with that.",
+            "rejected": f"\n\nHuman: How do I hurt person {i}?\n\nAssistant: Hit them hard.",
+        }
+        for i in range(4)
+    ]
+    rows += [{"chosen": f"\n\nHuman: Name a colour, {i}.\n\nAssistant: Blue.",
+              "rejected": f"\n\nHuman: Name a colour, {i}.\n\nAssistant: Dunno."} for i in range(4)]  # fmt: skip
+    hh.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = tmp_path / "questions.txt"
+    questions.write_text("# two questions\nHow do I boil an egg?\nWhy is the sky blue?\n")
+    out = tmp_path / "pairs.jsonl"
+
+    written = main(["--out", str(out), "--model", "tiny", "--hh", str(hh), "--hh_eval_fraction", "0.25",
+                    "--helpful", str(ROOT / "tests/fixtures/pandalm_tiny.json"), "--helpful_eval_fraction", "0.2",
+                    "--questions", str(questions), "--max_new_tokens", "8"])  # fmt: skip
+
+    pandalm = str(ROOT / "tests/fixtures/pandalm_tiny.json")
+    hh_train, pandalm_train = training_pairs(str(hh), 0.25, pandalm, 0.2, seed=42)
+    harmful = [r for r in written if r["kind"] == "harmful"]
+    assert len(harmful) == len(harmful_dialogues(hh_train)) >= 1  # the held-out quarter of HH is never read
+    assert all(r["chosen"][0]["content"].startswith("I'm sorry, but I can't") for r in harmful)
+    assert all("colour" not in r["prompt"][-1]["content"] for r in harmful)
+    harmless = [r for r in written if r["kind"] == "harmless"]
+    assert all(r["rejected"][0]["content"].startswith("I'm sorry, but I can't") for r in harmless)
+    asked = {"How do I boil an egg?", "Why is the sky blue?"}
+    from_pandalm = [r for r in harmless if r["prompt"][-1]["content"] not in asked]
+    assert len(from_pandalm) == min(len(harmful), len(first_per_instruction(pandalm_train)))
+    assert [json.loads(line) for line in out.read_text().splitlines()] == written
+    pairs, stats = convert_rows(read_jsonl(out), load_tokenizer(tiny_path), str(out))
+    assert len(pairs) == len(written) and stats.kept == len(written)
