@@ -97,13 +97,13 @@ def preference_parts(row: dict) -> tuple[list[dict], str, str]:
     return hh_to_messages(pair.prompt), pair.chosen, pair.rejected
 
 
-def convert_rows(
+def parsed_pairs(
     rows: Iterable[tuple[int, dict | str]],
-    tokenizer,
     source: str,
     skip_bad_rows: bool = False,
-) -> tuple[list[dict[str, str]], ConversionStats]:
-    """HH rows -> formatted DPO rows. Identical pairs are always dropped (no signal) and counted.
+) -> tuple[list[tuple[list[dict], str, str]], ConversionStats]:
+    """HH rows -> ``(prompt messages, chosen reply, rejected reply)``. Identical pairs are always dropped (no signal)
+    and counted.
 
     A bad row raises ``ValueError`` naming ``source`` and its row number, unless ``skip_bad_rows``.
     """
@@ -123,16 +123,29 @@ def convert_rows(
         if chosen == rejected:
             stats.skipped["identical chosen and rejected replies"] += 1
             continue
-        out.append(
-            {
-                "prompt": format_prompt(messages, tokenizer),
-                "chosen": format_response(chosen, tokenizer),
-                "rejected": format_response(rejected, tokenizer),
-            }
-        )
+        out.append((messages, chosen, rejected))
         stats.kept += 1
-    stats.log(source)
     return out, stats
+
+
+def convert_rows(
+    rows: Iterable[tuple[int, dict | str]],
+    tokenizer,
+    source: str,
+    skip_bad_rows: bool = False,
+) -> tuple[list[dict[str, str]], ConversionStats]:
+    """HH rows -> formatted DPO rows (``parsed_pairs``, through the Space's prompt format)."""
+    pairs, stats = parsed_pairs(rows, source, skip_bad_rows)
+    stats.log(source)
+    formatted = [
+        {
+            "prompt": format_prompt(messages, tokenizer),
+            "chosen": format_response(chosen, tokenizer),
+            "rejected": format_response(rejected, tokenizer),
+        }
+        for messages, chosen, rejected in pairs
+    ]
+    return formatted, stats
 
 
 def load_hh_rows(name: str, data_dir: str | None = None, split: str = "train") -> Iterator[tuple[int, dict | str]]:

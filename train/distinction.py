@@ -114,17 +114,10 @@ def training_pairs(hh_path: str, hh_eval_fraction: float, pandalm_path: str, pan
                    seed: int) -> tuple[list, list]:  # fmt: skip
     """HH's training pairs as ``(messages, chosen, rejected)`` and PandaLM's training pairs (``pandalm_pair``
     dicts), split as ``train.dpo`` splits them."""
-    from train.data import pandalm_pairs, preference_parts, read_json_list, read_jsonl, row_problem, split_train_eval
+    from train.data import pandalm_pairs, parsed_pairs, read_json_list, read_jsonl, split_train_eval
 
-    rows = list(read_jsonl(hh_path))
-    hh_train, _ = split_train_eval(rows, hh_eval_fraction, seed)
-    hh = []
-    for _, row in hh_train:
-        if row_problem(row) is None:
-            try:
-                hh.append(preference_parts(row))
-            except ValueError:
-                continue  # the rows train.dpo skips with skip_bad_rows
+    hh_train, _ = split_train_eval(list(read_jsonl(hh_path)), hh_eval_fraction, seed)
+    hh, _ = parsed_pairs(hh_train, hh_path, skip_bad_rows=True)  # the rows train.dpo keeps with skip_bad_rows
     pandalm_train, _ = split_train_eval(pandalm_pairs(read_json_list(pandalm_path)), pandalm_eval_fraction, seed)
     return hh, pandalm_train
 
@@ -177,11 +170,10 @@ def main(argv=None) -> list[dict]:
         questions = [[{"role": "user", "content": q}] for q in read_questions(args.questions)]
         prompts = [format_prompt(messages, tok) for messages in questions]
         answers = [a["text"] for a in generate_replies(engine, prompts, "greedy", False, args.max_new_tokens, 0)]
-        usable = [usable_answer(a) for a in answers]
-        logger.info("%d of %d everyday questions answered without refusing or looping", sum(usable), len(usable))
-        rows += [harmless_row(messages, answer, refusal)
-                 for messages, answer, refusal, ok in zip(questions, answers, refusals(prompts), usable, strict=True)
-                 if ok]  # fmt: skip
+        usable = [i for i, answer in enumerate(answers) if usable_answer(answer)]
+        logger.info("%d of %d everyday questions answered without refusing or looping", len(usable), len(answers))
+        rows += [harmless_row(questions[i], answers[i], refusal)
+                 for i, refusal in zip(usable, refusals([prompts[i] for i in usable]), strict=True)]  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
