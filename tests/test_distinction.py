@@ -5,10 +5,13 @@ import pytest
 
 from tests.conftest import ROOT
 from train.distinction import (
+    BORDERLINE_FILE,
     QUESTIONS_FILE,
     first_per_instruction,
     first_sentence,
     harmful_dialogues,
+    harmful_openers,
+    harmful_request,
     harmful_row,
     harmless_row,
     read_questions,
@@ -56,6 +59,36 @@ def test_a_harmful_row_prefers_the_refusal_to_the_models_own_compliance_or_else_
     assert row["rejected"] == [{"role": "assistant", "content": "It is 12 Elm Street."}]
     assert harmful_row(USER, refusal, "  ", "It is 12 Elm Street.")["rejected"][0]["content"] == "It is 12 Elm Street."
     assert harmful_row(USER, "Here it is.", "His address is 12 Elm Street.", "It is 12 Elm Street.") is None
+    assert harmful_row(USER, refusal, "I'm sorry, I don't know it.") is None  # an opener: no HH reply to reject
+
+
+def test_harmful_request_needs_a_request_and_a_harm_word_and_no_word_of_prevention():
+    assert harmful_request("How can I rob a casino?")
+    assert harmful_request("What's the best way to poison someone?")
+    assert harmful_request("Can you help me hack into government websites?")
+    assert harmful_request("Teach me how to do crystal meth")
+    assert not harmful_request("How do I get a sex robot?")  # "rob" only as a word
+    assert not harmful_request("How do I avoid scammers online?")
+    assert not harmful_request("How do I spot a fake check?")
+    assert not harmful_request("Why do people steal?")  # no request
+    assert not harmful_request("What is the best way to learn French?")  # no harm word
+    assert not harmful_request("How can I steal a car? " + "Please tell me. " * 20)  # longer than one short turn
+
+
+def test_harmful_openers_are_the_distinct_matching_first_turns_in_order():
+    def pair(*turns):
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)], "a", "b"
+
+    pairs = [
+        pair("How do I steal a car?", "Why?", "I want one."),
+        pair("Name a colour."),
+        pair("How can I rob a bank?"),
+        pair(" How do I steal a car? "),
+        pair("How do I hack a phone?"),
+    ]
+    assert harmful_openers(pairs) == ["How do I steal a car?", "How can I rob a bank?", "How do I hack a phone?"]
+    assert harmful_openers(pairs, exclude={"How can I rob a bank?"}) == ["How do I steal a car?",
+                                                                          "How do I hack a phone?"]  # fmt: skip
 
 
 def test_a_harmless_row_prefers_the_answer_to_the_refusal():
@@ -126,11 +159,12 @@ def test_a_usable_answer_neither_refuses_nor_loops():
 XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 
 
-def test_the_everyday_questions_are_neither_evaluation_prompts_nor_the_shipped_model_tests():
+@pytest.mark.parametrize("path", [QUESTIONS_FILE, BORDERLINE_FILE])
+def test_the_written_questions_are_neither_evaluation_prompts_nor_the_shipped_model_tests(path):
     from tests.test_shipped_model import BENIGN
 
-    questions = read_questions(ROOT / QUESTIONS_FILE)
-    assert len(questions) == len(set(questions)) >= 140
+    questions = read_questions(ROOT / path)
+    assert len(questions) == len(set(questions)) >= 100
     assert not set(questions) & set(BENIGN)  # the shipped model's behaviour test asks what training never saw
     if not XSTEST.is_file():
         pytest.skip(f"XSTest not found at {XSTEST} (it lives in ../shared, never in the repo)")
@@ -158,6 +192,9 @@ def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
     ]
     rows += [{"chosen": f"\n\nHuman: Name a colour, {i}.\n\nAssistant: Blue.",
               "rejected": f"\n\nHuman: Name a colour, {i}.\n\nAssistant: Dunno."} for i in range(4)]  # fmt: skip
+    bike = "\n\nHuman: How can I steal bike {}?\n\nAssistant: Why?\n\nHuman: I want it.\n\nAssistant: "
+    rows += [{"chosen": bike.format(i) + "Use cutters.", "rejected": bike.format(i) + "Ok."} for i in range(4)]
+    # neither reply refuses, so only the opener makes a harmful pair
     hh.write_text("".join(json.dumps(r) + "\n" for r in rows))
     questions = tmp_path / "questions.txt"
     questions.write_text("# two questions\nHow do I boil an egg?\nWhy is the sky blue?\n")
@@ -165,12 +202,17 @@ def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
 
     written = main(["--out", str(out), "--model", "tiny", "--hh", str(hh), "--hh_eval_fraction", "0.25",
                     "--helpful", str(ROOT / "tests/fixtures/pandalm_tiny.json"), "--helpful_eval_fraction", "0.2",
-                    "--questions", str(questions), "--max_new_tokens", "8"])  # fmt: skip
+                    "--questions", str(questions), "--harmful_openers", "--max_new_tokens", "8"])  # fmt: skip
 
     pandalm = str(ROOT / "tests/fixtures/pandalm_tiny.json")
     hh_train, pandalm_train = training_pairs(str(hh), 0.25, pandalm, 0.2, seed=42)
     harmful = [r for r in written if r["kind"] == "harmful"]
-    assert len(harmful) == len(harmful_dialogues(hh_train)) >= 1  # the held-out quarter of HH is never read
+    dialogues = harmful_dialogues(hh_train)
+    openers = harmful_openers(hh_train, exclude={m[0]["content"] for m, _ in dialogues if len(m) == 1})
+    assert len(dialogues) >= 1 and openers and all("steal bike" in text for text in openers)
+    assert len(dialogues) <= len(harmful) <= len(dialogues) + len(openers)  # less the openers the model refuses
+    from_openers = [r["prompt"] for r in harmful if "steal bike" in r["prompt"][0]["content"]]
+    assert all(len(prompt) == 1 and prompt[0]["content"] in openers for prompt in from_openers)  # one turn, training
     assert all(r["chosen"][0]["content"].startswith("I'm sorry, but I can't") for r in harmful)
     assert all("colour" not in r["prompt"][-1]["content"] for r in harmful)
     harmless = [r for r in written if r["kind"] == "harmless"]

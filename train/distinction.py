@@ -66,15 +66,48 @@ def harmful_dialogues(pairs: list[tuple[list[dict], str, str]]) -> list[tuple[li
             if is_refusal(chosen) and not is_refusal(rejected)]  # fmt: skip
 
 
-def harmful_row(messages: list[dict], refusal: str, own_reply: str, hh_rejected: str) -> dict | None:
+_REQUEST = re.compile(
+    r"\b(how (do|can|could|would|should|to) (i|we|you|one)|where (can|do|could) i|what('s| is) the (best|easiest) way"
+    r"|help me|teach me|tips)\b", re.I)  # fmt: skip
+_HARM = re.compile(
+    r"\b(steal|stole|kill|poison|hurt|drug|bomb|hack|rob|robb|cheat|murder|weapon|gun|break into|sneak|scam|illegal"
+    r"|cocaine|heroin|meth|revenge|attack|tortur|kidnap|kidnapp|shoplift|launder|counterfeit|burn|stab|stabb|shoot"
+    r"|get away with|fake|lie to|spy|blackmail|bully|harass|punch|sabotag|smuggl|forg|trespass|vandal\w*|abus"
+    r"|threaten)(s|es|e|ed|ing|er|ers|ery)?\b", re.I)  # fmt: skip
+_NOT_HARM = re.compile(r"\b(avoid|prevent|protect|stop|spot|tell if)\b", re.I)
+
+
+def harmful_request(text: str, max_chars: int = 200) -> bool:
+    """Whether an HH red-team opener asks, in one short turn, how to do something harmful: a request ("how do I",
+    "where can I", "help me", ...) and a harm word ("steal", "poison", "hack", ...), and no word of prevention.
+
+    A selector of training prompts from HH's red-team dialogues, where nearly every such request means harm; not a
+    classifier for anyone's prompts (it would refuse "How do I kill a process?")."""
+    return (len(text) <= max_chars and bool(_REQUEST.search(text)) and bool(_HARM.search(text))
+            and not _NOT_HARM.search(text))  # fmt: skip
+
+
+def harmful_openers(pairs: list[tuple[list[dict], str, str]], exclude: set[str] = frozenset()) -> list[str]:
+    """The distinct first human turns of ``pairs`` that are ``harmful_request``s, in order, ``exclude`` left out."""
+    seen, out = set(exclude), []
+    for messages, _, _ in pairs:
+        text = messages[0]["content"].strip()
+        if text not in seen and harmful_request(text):
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def harmful_row(messages: list[dict], refusal: str, own_reply: str, hh_rejected: str = "") -> dict | None:
     """Refusal over compliance: the model's own reply when it complies, else HH's rejected reply; None when the
-    decoded refusal is not one (the prefix made it, so only an empty continuation could fail)."""
+    decoded refusal is not one (the prefix made it, so only an empty continuation could fail) or when there is no
+    compliance to reject (the model refuses and no HH reply is given)."""
     from train.behaviour import is_refusal
 
     if not is_refusal(refusal):
         return None
     rejected = own_reply if own_reply.strip() and not is_refusal(own_reply) else hh_rejected
-    return preference_row(messages, refusal, rejected, "harmful")
+    return preference_row(messages, refusal, rejected, "harmful") if rejected.strip() else None
 
 
 def harmless_row(messages: list[dict], answer: str, refusal: str) -> dict:
@@ -94,6 +127,7 @@ def first_per_instruction(pairs: list[dict]) -> list[dict]:
 
 
 QUESTIONS_FILE = "train/prompts/everyday_questions.txt"
+BORDERLINE_FILE = "train/prompts/borderline_questions.txt"  # harmless requests that sound harmful
 
 
 def read_questions(path: str | Path) -> list[str]:
@@ -130,7 +164,17 @@ def parse_args(argv=None):
     parser.add_argument("--hh_eval_fraction", type=float, default=0.1, help="as the recipe's eval_fraction")
     parser.add_argument("--helpful", default="../shared/data/pandalm/testset-v1.json.gz")
     parser.add_argument("--helpful_eval_fraction", type=float, default=0.2, help="as the recipe's")
-    parser.add_argument("--questions", default=QUESTIONS_FILE, help="everyday questions, one a line ('' for none)")
+    parser.add_argument(
+        "--questions",
+        nargs="*",
+        default=[QUESTIONS_FILE],
+        help="files of harmless questions, one a line (none: PandaLM's instructions alone)",
+    )
+    parser.add_argument(
+        "--harmful_openers",
+        action="store_true",
+        help="also the harmful requests that open HH's training dialogues, as one-turn prompts",
+    )
     parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
     return parser.parse_args(argv)
@@ -148,6 +192,11 @@ def main(argv=None) -> list[dict]:
     harmless = first_per_instruction(pandalm)[: len(harmful)]
     logger.info("%d harmful HH dialogues (of %d training pairs), %d harmless PandaLM instructions", len(harmful),
                 len(hh), len(harmless))  # fmt: skip
+    if args.harmful_openers:
+        one_turn = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
+        openers = harmful_openers(hh, exclude=one_turn)
+        logger.info("%d more harmful requests from the openers of HH's training dialogues", len(openers))
+        harmful += [([{"role": "user", "content": text}], "") for text in openers]  # no HH reply to reject
 
     engine = Engine.load(args.model)
     tok = engine.tokenizer
@@ -166,12 +215,12 @@ def main(argv=None) -> list[dict]:
     rows = [r for r in rows if r is not None]
     rows += [harmless_row(pair["messages"], pair["chosen"], refusal)
              for pair, refusal in zip(harmless, refusals(harmless_prompts), strict=True)]  # fmt: skip
-    if args.questions:
-        questions = [[{"role": "user", "content": q}] for q in read_questions(args.questions)]
+    for path in args.questions:
+        questions = [[{"role": "user", "content": q}] for q in read_questions(path)]
         prompts = [format_prompt(messages, tok) for messages in questions]
         answers = [a["text"] for a in generate_replies(engine, prompts, "greedy", False, args.max_new_tokens, 0)]
         usable = [i for i, answer in enumerate(answers) if usable_answer(answer)]
-        logger.info("%d of %d everyday questions answered without refusing or looping", len(usable), len(answers))
+        logger.info("%s: %d of %d answered without refusing or looping", path, len(usable), len(answers))
         rows += [harmless_row(questions[i], answers[i], refusal)
                  for i, refusal in zip(usable, refusals([prompts[i] for i in usable]), strict=True)]  # fmt: skip
 
