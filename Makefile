@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
-# The inner loop: everything but the tests marked slow (those that train, or start the real app or a browser).
+# The inner loop: all but the tests marked slow (those that train or compile, or start the real app or a browser).
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -m "not slow"

@@ -136,6 +136,7 @@ def test_a_full_cache_and_an_overlong_sequence_are_refused(tiny_model):
         decoder.prefill([])
 
 
+@pytest.mark.slow
 def test_int4_keeps_the_lora_adapter_apart_so_the_policy_still_differs_from_its_reference():
     """Merged into 4-bit weights, the shipped adapter's update rounded away (policy and reference gave the same
     replies). Kept apart in fp32 it survives: per token, log pi - log pi_ref from the int4 decoder follows PEFT's
@@ -167,6 +168,7 @@ def test_int4_keeps_the_lora_adapter_apart_so_the_policy_still_differs_from_its_
     assert torch.corrcoef(torch.stack([expected, got]))[0, 1] > 0.95
 
 
+@pytest.mark.slow
 def test_a_compiled_decoder_computes_what_the_eager_one_does(tiny_model):
     """compile(): one graph for a single row's whole step and one for several rows, dynamic in the cache's length
     (it grows past MIN_CACHE here) and in the number of rows; once compiled, no step runs eagerly."""
@@ -258,6 +260,7 @@ def assert_compiled_views_equal_eager(model):
     assert (logits["eager", True] - logits["eager", False]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_a_compiled_decoder_applies_an_adapter_on_some_layers_only(tiny_model):
     """``--lora_top_layers``: layers without the adapter get zeros in the stacked step (they add nothing), so the
     compiled step equals the eager one, with the adapter and without."""
@@ -275,6 +278,7 @@ def test_a_compiled_decoder_applies_an_adapter_on_some_layers_only(tiny_model):
     assert_compiled_views_equal_eager(model)
 
 
+@pytest.mark.slow
 def test_a_compiled_decoder_applies_the_adapter_as_the_eager_one_does(tiny_adapter):
     """One compiled graph with the adapter and one without: each view's logits equal the eager decoder's."""
     from dpo_space.models import load_model

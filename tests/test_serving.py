@@ -350,6 +350,7 @@ print(json.dumps(counts))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP team to leave behind")
 def test_loading_and_scoring_leave_no_openmp_team_in_the_calling_thread(embedded_path):
     """Each thread that runs parallel torch code keeps an OpenMP team (worker threads) while it lives; with more of
