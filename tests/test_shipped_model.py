@@ -116,9 +116,10 @@ def test_the_shipped_evaluation_is_on_the_full_sets_and_states_its_targets():
 def test_evaluate_on_64_held_out_pairs_reproduces_the_card(real_hh, tmp_path):
     from train.evaluate import main
 
+    # the reference's log-probs are the card's own (reference_logps.json): the policy's are computed again
     metrics = main(["--model", str(SHIPPED), "--data", str(real_hh), "--eval_fraction", "0.1", "--seed", "42",
                     "--max_samples", "64", "--max_length", "512", "--num_generations", "0",
-                    "--output_dir", str(tmp_path)])  # fmt: skip
+                    "--reuse_reference", str(SHIPPED / "eval"), "--output_dir", str(tmp_path)])  # fmt: skip
     assert metrics["pairs"] == 64
     shipped = EVAL["rewards/accuracies"]
     se = math.sqrt(shipped * (1 - shipped) / 64)
