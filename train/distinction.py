@@ -1,6 +1,8 @@
 """Distinction pairs: refuse the harmful request, answer the harmless one, the refusals in the model's own words.
 
     python -m train.distinction --out outputs/distinction/pairs-questions.jsonl
+    python -m train.distinction --out outputs/distinction/pairs-openers.jsonl --harmful_openers \
+        --questions train/prompts/everyday_questions.txt train/prompts/borderline_questions.txt
 
 DPO on HH's pairs taught this project's small model one move, a refusal for everything or for nothing
 (docs/alignment): HH's two replies rarely differ in whether they refuse. These pairs do, on both sides of the line:
@@ -14,6 +16,10 @@ DPO on HH's pairs taught this project's small model one move, a refusal for ever
   own greedy answer, when it does not refuse or loop), because PandaLM's instructions are tasks ("Rewrite the
   sentence ...") and a model taught on them alone learns that a question is what to refuse. Rejected: the model's
   refusal, decoded the same way.
+- with ``--harmful_openers``, also the harmful requests that open HH's training dialogues, as one-turn prompts
+  (``harmful_request``), because the evaluations ask in one turn and a model taught on whole red-team dialogues
+  learns to refuse those; and ``--questions`` may also name ``train/prompts/borderline_questions.txt``, harmless
+  requests in harm's words ("How do I kill a frozen program?"), so that a word is not what marks a request.
 
 Only the training splits are read (HH's and PandaLM's held-out pairs are those ``train.dpo`` keeps back, with the
 same fractions and seed); XSTest stays out. Greedy decoding, so the file is the same on every run. It is written in
