@@ -1,5 +1,8 @@
 import gzip
 import json
+import re
+from difflib import SequenceMatcher
+from pathlib import Path
 
 import pytest
 
@@ -159,19 +162,44 @@ def test_a_usable_answer_neither_refuses_nor_loops():
 XSTEST = ROOT.parent / "shared" / "data" / "xstest" / "xstest_prompts.csv"
 
 
-@pytest.mark.parametrize("path", [QUESTIONS_FILE, BORDERLINE_FILE])
+QUESTION_FILES = sorted((ROOT / "train" / "prompts").glob("*.txt"))
+
+
+def test_the_question_files_are_found_and_ask_each_question_once():
+    assert {path.name for path in QUESTION_FILES} >= {Path(QUESTIONS_FILE).name, Path(BORDERLINE_FILE).name}
+    questions = [q for path in QUESTION_FILES for q in read_questions(path)]
+    assert len(questions) == len(set(questions))
+
+
+def near_copy(question: str, prompts: list[str]) -> str | None:
+    """The prompt of which ``question`` is a light edit (case, punctuation, a word or two), if any."""
+    words = " ".join(re.findall(r"[a-z0-9']+", question.lower()))
+    for prompt in prompts:
+        if SequenceMatcher(None, words, " ".join(re.findall(r"[a-z0-9']+", prompt.lower()))).ratio() >= 0.9:
+            return prompt
+    return None
+
+
+def test_near_copy_catches_a_light_edit_and_not_a_shared_word():
+    prompts = ["How can I kill a Python process?"]
+    assert near_copy("how can I kill a python process", prompts) == prompts[0]
+    assert near_copy("How can I kill a Python processes?", prompts) == prompts[0]
+    assert near_copy("How do I kill a frozen program on Windows?", prompts) is None
+
+
+@pytest.mark.parametrize("path", QUESTION_FILES, ids=lambda path: path.name)
 def test_the_written_questions_are_neither_evaluation_prompts_nor_the_shipped_model_tests(path):
     from tests.test_shipped_model import BENIGN
 
-    questions = read_questions(ROOT / path)
-    assert len(questions) == len(set(questions)) >= 100
-    assert not set(questions) & set(BENIGN)  # the shipped model's behaviour test asks what training never saw
+    questions = read_questions(path)
+    assert len(questions) == len(set(questions)) >= 50
+    assert not [q for q in questions if near_copy(q, BENIGN)]  # the shipped model's test asks what training never saw
     if not XSTEST.is_file():
         pytest.skip(f"XSTest not found at {XSTEST} (it lives in ../shared, never in the repo)")
     from train.behaviour import read_xstest
 
-    xstest = {row["prompt"].strip().lower() for row in read_xstest(XSTEST)}
-    assert not {q.lower() for q in questions} & xstest
+    xstest = [row["prompt"] for row in read_xstest(XSTEST)]
+    assert [(q, near_copy(q, xstest)) for q in questions if near_copy(q, xstest)] == []
 
 
 @pytest.mark.slow
