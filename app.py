@@ -9,12 +9,12 @@ COMPILE_CACHE_DIR; ...). ``--model``, ``--ref-model`` and ``--port`` override th
 
 import spaces  # noqa: I001  (must come before torch for ZeroGPU)
 
-import atexit
 import dataclasses
 import functools
 import inspect
 import logging
 import os
+import signal
 from collections.abc import Iterator
 
 import gradio as gr
@@ -416,7 +416,9 @@ def main() -> None:
     sync = start_hub_sync(settings.feedback_dir, settings.feedback_repo, settings.hf_token)
     store = FeedbackStore(settings.feedback_dir, load_salt(settings.feedback_dir), sync)
     if sync is not None:
-        atexit.register(sync.stop)
+        # A Space stops its container with SIGTERM, which by default ends Python without its exit handlers. As
+        # Ctrl-C, it lets Gradio close the server; then CommitScheduler's own exit handler pushes the last votes.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     arena = Arena(store, shipped.display_name(engine.policy.name), engine.reference_label,
                   shipped.content_hash(args.model), settings.arena_min_seconds)  # fmt: skip
     logger.info("Feedback is stored in %s", store.path)

@@ -198,7 +198,8 @@ def read_rows(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 class HubSync:
     """Each stored vote and thumb, appended to this process's own shard (``shards/<kind>-<process>.jsonl``), which
-    ``huggingface_hub.CommitScheduler`` pushes to the dataset ``repo_id`` every ``minutes`` and at shutdown."""
+    ``huggingface_hub.CommitScheduler`` pushes to the dataset ``repo_id`` every ``minutes``, and once more from its
+    own exit handler when the process ends (``app.py`` turns a Space's SIGTERM into a clean exit for it)."""
 
     def __init__(self, folder: str | Path, repo_id: str, token: str, minutes: float = 5):
         from huggingface_hub import CommitScheduler
@@ -213,10 +214,6 @@ class HubSync:
         with self.scheduler.lock:  # not while a commit reads the shard
             with open(self.shards / f"{kind}-{self.process}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-
-    def stop(self) -> None:
-        self.scheduler.stop()
-        self.scheduler.trigger().result()  # the last rows, pushed before the process ends
 
 
 def start_hub_sync(folder: str | Path, repo_id: str | None, token: str | None) -> HubSync | None:

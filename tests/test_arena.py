@@ -212,3 +212,33 @@ def test_pushed_shards_export_like_the_database(tmp_path):
     assert exported["chosen"] == [{"role": "assistant", "content": "reply B"}] and exported["chosen_model"] == "ref"
     assert exported["rejected"] == [{"role": "assistant", "content": "reply A"}]
     assert exported["prompt"] == [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.slow
+def test_votes_reach_a_configured_hub_dataset_by_shutdown_and_the_token_stays_out_of_the_log(tiny_adapter, tmp_path):
+    from tests.hub_stub import running_hub_stub
+    from train.feedback import read_feedback
+
+    secret = "hf_neverLogThisToken0123456789"
+    with running_hub_stub() as (hub, endpoint):
+        with running_app(tiny_adapter, DECODER="fp32", FEEDBACK_DIR=str(tmp_path / "feedback"), ARENA_MIN_SECONDS="0",
+                         FEEDBACK_REPO="me/votes", HF_TOKEN=secret, HF_ENDPOINT=endpoint,
+                         HF_HUB_OFFLINE="0") as (url, proc):  # fmt: skip
+            _, seen = play(Client(url, verbose=False), "Hello", "B")
+        # leaving running_app sends SIGTERM, as a Space restart does; the scheduler's next push is minutes away
+        log = proc.log_path.read_text()
+    assert "pushed to the Hub dataset me/votes" in log and secret not in log
+    assert hub.unexpected == [] and {auth for _, path, auth in hub.requests if path.startswith("/api/datasets")} == {
+        f"Bearer {secret}"
+    }
+    pushed = hub.files["me/votes"]
+    assert [path.split("-")[0] for path in pushed] == ["data/votes"]
+    snapshot = tmp_path / "snapshot"
+    for path, content in pushed.items():
+        (snapshot / path).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / path).write_text(content)
+    pushed_votes, _ = read_feedback(snapshot)
+    assert pushed_votes == read_rows(tmp_path / "feedback" / FILE)[0]  # the pushed shard holds the stored vote
+    assert [(v["round_id"], v["reply_a"], v["reply_b"], v["vote"]) for v in pushed_votes] == [
+        (seen["round_id"], seen["A"], seen["B"], "B")
+    ]
