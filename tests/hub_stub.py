@@ -32,14 +32,11 @@ class HubStub:
             self.requests.append((method, path, authorization))
         if method == "POST" and path == "/api/repos/create":
             payload = json.loads(body)
-            repo = (
-                f"{payload['organization'] or 'user'}/{payload['name']}"
-                if "/" not in payload["name"]
-                else payload["name"]
-            )
-            self.files.setdefault(repo, {})
+            repo = "/".join(filter(None, (payload["organization"], payload["name"])))
+            with self.lock:
+                self.files.setdefault(repo, {})
             return 200, {"url": f"{self.url}/datasets/{repo}", "name": repo, "id": repo}
-        if method == "POST" and (match := re.fullmatch(rf"/api/datasets/{REPO}/preupload/main", path)):
+        if method == "POST" and re.fullmatch(rf"/api/datasets/{REPO}/preupload/main", path):
             files = json.loads(body)["files"]
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
         if method == "POST" and (match := re.fullmatch(rf"/api/datasets/{REPO}/commit/main", path)):

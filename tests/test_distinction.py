@@ -1,3 +1,4 @@
+import functools
 import gzip
 import json
 import re
@@ -171,13 +172,14 @@ def test_the_question_files_are_found_and_ask_each_question_once():
     assert len(questions) == len(set(questions))
 
 
+@functools.cache
+def words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
 def near_copy(question: str, prompts: list[str]) -> str | None:
     """The prompt of which ``question`` is a light edit (case, punctuation, a word or two), if any."""
-    words = " ".join(re.findall(r"[a-z0-9']+", question.lower()))
-    for prompt in prompts:
-        if SequenceMatcher(None, words, " ".join(re.findall(r"[a-z0-9']+", prompt.lower()))).ratio() >= 0.9:
-            return prompt
-    return None
+    return next((p for p in prompts if SequenceMatcher(None, words(question), words(p)).ratio() >= 0.9), None)
 
 
 def test_near_copy_catches_a_light_edit_and_not_a_shared_word():
@@ -199,7 +201,7 @@ def test_the_written_questions_are_neither_evaluation_prompts_nor_the_shipped_mo
     from train.behaviour import read_xstest
 
     xstest = [row["prompt"] for row in read_xstest(XSTEST)]
-    assert [(q, near_copy(q, xstest)) for q in questions if near_copy(q, xstest)] == []
+    assert [(q, p) for q in questions if (p := near_copy(q, xstest))] == []
 
 
 @pytest.mark.slow
