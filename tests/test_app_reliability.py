@@ -75,9 +75,9 @@ def sse_call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, 
 def test_32_concurrent_users_of_every_kind_are_served_or_told_busy(app):
     """Chat, Generate, Compare, Arena rounds with votes and OpenAI-API calls at once (bench.load's mix)."""
     url, proc = app
-    result = run_load(url, proc.pid, users=32, requests=2, rounds=3, max_new_tokens=8)
+    result = run_load(url, proc.pid, users=32, requests=2, rounds=2, max_new_tokens=8)
     assert set(result["outcomes"]) <= {"completed", "busy"}, result["outcomes"]
-    assert result["outcomes"]["completed"] >= 16 * 3  # the queue holds 16; memory and latency: python -m bench.load
+    assert result["outcomes"]["completed"] >= 16 * 2  # the queue holds 16; memory and latency: python -m bench.load
     assert all(result["by_kind"][kind].get("completed") for kind in KINDS), result["by_kind"]
 
 

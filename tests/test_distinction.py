@@ -179,7 +179,12 @@ def words(text: str) -> str:
 
 def near_copy(question: str, prompts: list[str]) -> str | None:
     """The prompt of which ``question`` is a light edit (case, punctuation, a word or two), if any."""
-    return next((p for p in prompts if SequenceMatcher(None, words(question), words(p)).ratio() >= 0.9), None)
+    matcher = SequenceMatcher(None, b=words(question))  # b is the side SequenceMatcher indexes once
+    for prompt in prompts:
+        matcher.set_seq1(words(prompt))  # the quick ratios bound ratio() from above: most prompts stop there
+        if matcher.real_quick_ratio() >= 0.9 and matcher.quick_ratio() >= 0.9 and matcher.ratio() >= 0.9:
+            return prompt
+    return None
 
 
 def test_near_copy_catches_a_light_edit_and_not_a_shared_word():

@@ -1,6 +1,7 @@
 """train.evaluate: its numbers match a direct computation and the DPO trainer's own eval on the same pairs."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from tests.conftest import FIXTURE_HH
 from train.behaviour import distinct_n, repeated_ngram_share
-from train.evaluate import main, preference_metrics
+from train.evaluate import main, pair_key, preference_metrics
 
 FIXTURES = FIXTURE_HH.parent
 
@@ -49,17 +50,24 @@ def test_matches_the_trainers_own_eval_on_the_same_pairs(evaluation, tiny_adapte
         assert metrics[key] == pytest.approx(trainer[f"eval_{key}"], rel=1e-3, abs=1e-4), key
 
 
+def held_out_hh(tiny_adapter) -> list[dict]:
+    """The HH pairs the ``evaluation`` fixture scores, as the trainer holds them out."""
+    from dpo_space.models import load_tokenizer
+    from train.dpo import ScriptArguments, load_pairs
+
+    script = ScriptArguments(dataset_name=str(FIXTURE_HH), eval_fraction=0.25)
+    return load_pairs(script, load_tokenizer(tiny_adapter), 42)[1]
+
+
 def test_matches_a_direct_computation(evaluation, tiny_adapter, tiny_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dpo_space.models import load_tokenizer
-    from train.dpo import ScriptArguments, load_pairs
 
     metrics, _ = evaluation
     tok = load_tokenizer(tiny_adapter)
-    script = ScriptArguments(dataset_name=str(FIXTURE_HH), eval_fraction=0.25)
-    _, held_out = load_pairs(script, tok, 42)
+    held_out = held_out_hh(tiny_adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny_path)
     policy = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_path), tiny_adapter
@@ -83,11 +91,16 @@ def test_matches_a_direct_computation(evaluation, tiny_adapter, tiny_path):
     assert metrics["rewards/accuracies"] == sum(m > 0 for m in margins) / len(margins)
 
 
-def test_writes_results_samples_report_and_targets(evaluation):
+def test_writes_results_samples_report_and_targets(evaluation, tiny_adapter):
     metrics, out = evaluation
     results = json.loads((out / "eval_results.json").read_text())
     assert results["reference"] == "tiny (adapter disabled)" and results["pairs"] == 4
     assert results["helpful"]["pairs"] == 3  # 6 usable PandaLM fixture pairs, half held out
+    policy = json.loads((out / "policy_logps.json").read_text())  # per pair, for checking a later run against
+    assert policy.keys() == json.loads((out / "reference_logps.json").read_text()).keys() and len(policy) == 7
+    hh = [policy[pair_key(row, None)] for row in held_out_hh(tiny_adapter)]
+    assert statistics.fmean(c for c, _ in hh) == pytest.approx(results["logps/chosen"], abs=1e-6)
+    assert statistics.fmean(r for _, r in hh) == pytest.approx(results["logps/rejected"], abs=1e-6)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     count = {}
     for s in samples:

@@ -1,7 +1,6 @@
 """The model the project ships in models/: small, honestly described, served by default, and reproducible."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -90,12 +89,13 @@ def test_the_shipped_model_answers_everyday_requests_without_refusing_or_looping
 
     defaults = (96, 0.7, 0.9, 50, 1.2, 0, 42)  # the sliders' defaults, 96 new tokens
     greedy = (96, 0.0, 1.0, 0, 1.2, 0, 42)
-    for settings in (defaults, greedy):
-        for prompt in BENIGN:
-            policy, reference = space.predict(prompt, *settings, api_name="/compare")[:2]
-            assert policy != reference, prompt  # the adapter changes what the model says
-            assert not is_refusal(policy), (prompt, settings, policy)
-            assert repeated_ngram_share(policy.split(), 4) <= 0.2, (prompt, settings, policy)
+    asked = [(prompt, settings) for settings in (defaults, greedy) for prompt in BENIGN]
+    jobs = [space.submit(prompt, *settings, api_name="/compare") for prompt, settings in asked]  # decoded together
+    for (prompt, settings), job in zip(asked, jobs, strict=True):
+        policy, reference = job.result(timeout=600)[:2]
+        assert policy != reference, prompt  # the adapter changes what the model says
+        assert not is_refusal(policy), (prompt, settings, policy)
+        assert repeated_ngram_share(policy.split(), 4) <= 0.2, (prompt, settings, policy)
 
 
 def test_the_shipped_evaluation_is_on_the_full_sets_and_states_its_targets():
@@ -113,15 +113,16 @@ def test_the_shipped_evaluation_is_on_the_full_sets_and_states_its_targets():
 
 @pytest.mark.slow
 @pytest.mark.real_data
-def test_evaluate_on_64_held_out_pairs_reproduces_the_card(real_hh, tmp_path):
+def test_evaluate_scores_held_out_pairs_as_the_card_did(real_hh, tmp_path):
     from train.evaluate import main
 
-    # the reference's log-probs are the card's own (reference_logps.json): the policy's are computed again
+    # the first 16 of the card's 200 held-out pairs: the policy's log-probs are computed again and must match, pair
+    # by pair, those the card's evaluation recorded (policy_logps.json); the reference's are the card's own
     metrics = main(["--model", str(SHIPPED), "--data", str(real_hh), "--eval_fraction", "0.1", "--seed", "42",
-                    "--max_samples", "64", "--max_length", "512", "--num_generations", "0",
+                    "--max_samples", "16", "--max_length", "512", "--num_generations", "0", "--decoder", "generate",
                     "--reuse_reference", str(SHIPPED / "eval"), "--output_dir", str(tmp_path)])  # fmt: skip
-    assert metrics["pairs"] == 64
-    shipped = EVAL["rewards/accuracies"]
-    se = math.sqrt(shipped * (1 - shipped) / 64)
-    assert abs(metrics["rewards/accuracies"] - shipped) <= 3 * se, (metrics["rewards/accuracies"], shipped)
-    assert metrics["rewards/margins"] > 0  # the DPO model prefers the chosen replies, as on the card
+    recorded = json.loads((SHIPPED / "eval" / "policy_logps.json").read_text())
+    fresh = json.loads((tmp_path / "policy_logps.json").read_text())
+    assert metrics["pairs"] == len(fresh) == 16 and fresh.keys() <= recorded.keys()
+    for key, logps in fresh.items():  # summed over a reply's tokens, in float32: equal up to rounding on any CPU
+        assert logps == pytest.approx(recorded[key], abs=0.02), key

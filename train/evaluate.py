@@ -15,8 +15,9 @@
   token limit.
 
 Replies are decoded the way the Space decodes them (its engine and batcher, several rows at once). Writes
-``eval_results.json`` (with the targets, met or not), ``samples.jsonl`` (every reply), ``eval_summary.md`` and a
-one-page ``report.md`` with plots to ``--output_dir`` (default: ``MODEL_DIR/eval``, or ``outputs/eval`` for a Hub id).
+``eval_results.json`` (with the targets, met or not), ``samples.jsonl`` (every reply), ``eval_summary.md``, a
+one-page ``report.md`` with plots, and each pair's log-probs under both models (``policy_logps.json``,
+``reference_logps.json``) to ``--output_dir`` (default: ``MODEL_DIR/eval``, or ``outputs/eval`` for a Hub id).
 """
 
 from __future__ import annotations
@@ -339,6 +340,7 @@ def helpful_rows(args, tokenizer) -> list[dict]:
 
 
 REFERENCE_LOGPS = "reference_logps.json"
+POLICY_LOGPS = "policy_logps.json"  # the same keys; what this model scored, for checking a later run against
 
 
 def reusable_reference_logps(folder: str | None, reference: str) -> dict:
@@ -387,14 +389,19 @@ def main(argv=None) -> dict:
     beta = args.beta if args.beta is not None else recorded_beta(args.model)
 
     known = reusable_reference_logps(args.reuse_reference, engine.reference_label)
+    scored = {}  # pair_key -> the policy's [chosen, rejected] log-probs, kept so that a later run can be checked
+
+    def pair_metrics(pairs: list[dict]) -> dict:
+        policy, ref = score_pairs(loaded, reference, pairs, args.batch_size, args.max_length, known)
+        keys = [pair_key(row, args.max_length) for row in pairs]
+        scored.update(zip(keys, map(list, zip(policy["chosen"], policy["rejected"], strict=True)), strict=True))
+        return preference_metrics(policy, ref, beta)
+
     rows = held_out_rows(args, loaded.tokenizer)
-    metrics = preference_metrics(*score_pairs(loaded, reference, rows, args.batch_size, args.max_length, known), beta)
+    metrics = pair_metrics(rows)
     helpful = None
     if args.helpful_data:
-        pairs = helpful_rows(args, loaded.tokenizer)
-        helpful = preference_metrics(*score_pairs(loaded, reference, pairs, args.batch_size, args.max_length, known),
-                                     beta)  # fmt: skip
-        metrics["helpful"] = helpful
+        helpful = metrics["helpful"] = pair_metrics(helpful_rows(args, loaded.tokenizer))
 
     xstest = xstest_subset(read_xstest(args.xstest), args.xstest_per_label, args.seed) if args.xstest else []
     sets = prompt_sets(loaded.tokenizer, rows[: args.num_generations], xstest)
@@ -419,6 +426,7 @@ def main(argv=None) -> dict:
         f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
     (out / "eval_summary.md").write_text(summary_markdown(args.model, engine.reference_label, metrics))
     (out / REFERENCE_LOGPS).write_text(json.dumps(known) + "\n")
+    (out / POLICY_LOGPS).write_text(json.dumps(scored) + "\n")
     write_model_report(out)
     if out == Path(args.model) / "eval" and (Path(args.model) / "run_config.yaml").is_file():
         from train.card import write_card
