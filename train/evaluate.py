@@ -63,11 +63,12 @@ def pair_key(row: dict, max_length: int | None) -> str:
 
 
 def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length: int | None,
-                known: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
+                known: dict | None = None, scored: dict | None = None) -> tuple[dict, dict]:  # fmt: skip
     """Summed completion log-probs of each pair's chosen and rejected, under the policy and the reference.
 
     ``known`` (``pair_key`` -> [chosen, rejected]) holds reference log-probs already computed, by an earlier
-    evaluation with the same reference; new ones are added to it."""
+    evaluation with the same reference; new ones are added to it. ``scored``, when given, receives the policy's the
+    same way."""
     from tqdm.auto import tqdm
 
     from dpo_space.scoring import completion_logps, reference_model, tokenize_completion
@@ -93,6 +94,8 @@ def score_pairs(loaded, reference, rows: list[dict], batch_size: int, max_length
     policy = score(loaded.model, "policy")
     known = {} if known is None else known
     keys = [pair_key(row, max_length) for row in rows]
+    if scored is not None:
+        scored.update({key: [c, r] for key, c, r in zip(keys, policy["chosen"], policy["rejected"], strict=True)})
     if not all(key in known for key in keys):
         with reference_model(loaded, reference) as ref:
             fresh = score(ref, "reference")
@@ -392,10 +395,9 @@ def main(argv=None) -> dict:
     scored = {}  # pair_key -> the policy's [chosen, rejected] log-probs, kept so that a later run can be checked
 
     def pair_metrics(pairs: list[dict]) -> dict:
-        policy, ref = score_pairs(loaded, reference, pairs, args.batch_size, args.max_length, known)
-        keys = [pair_key(row, args.max_length) for row in pairs]
-        scored.update(zip(keys, map(list, zip(policy["chosen"], policy["rejected"], strict=True)), strict=True))
-        return preference_metrics(policy, ref, beta)
+        return preference_metrics(
+            *score_pairs(loaded, reference, pairs, args.batch_size, args.max_length, known, scored), beta
+        )
 
     rows = held_out_rows(args, loaded.tokenizer)
     metrics = pair_metrics(rows)
