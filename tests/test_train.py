@@ -163,14 +163,20 @@ def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
 
 @pytest.mark.slow
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path, tiny_path):
-    """``torchrun --nproc_per_node 2``: two gloo ranks on the CPU, as DDP would run on two GPUs."""
+    """``torchrun --standalone --nproc_per_node 2``: two gloo ranks on the CPU, as DDP would run on two GPUs.
+    ``--standalone`` rendezvous on a free port, so another launch on the same host cannot join this one."""
     import subprocess
     import sys
 
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.dpo",
-               "--config", TINY, "--dataset_name", str(FIXTURE_HH), "--output_dir", str(out)]  # fmt: skip
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "train.dpo", "--config", TINY, "--dataset_name", str(FIXTURE_HH), "--output_dir", str(out)]  # fmt: skip
+    try:
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as hung:  # ~10 s when healthy: show where the ranks stopped
+        tail = hung.stderr or b""
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        pytest.fail(f"torchrun did not finish in 300 s; the end of its output:\n{tail[-3000:]}")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Rank 0 of 2 trained 4 steps" in run.stderr and "Rank 1 of 2 trained 4 steps" in run.stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
