@@ -2,6 +2,7 @@
 
     python -m bench.load [--model MODEL_ID] [--users 16 32] [--requests 3] [--max-new-tokens 64]
     python -m bench.load --users 16 --minutes 30          # the soak: rounds of 16 users for 30 minutes
+    python -m bench.load --users 16 --minutes 12 --malloc-stats   # and where the server's memory is (malloc_probe)
 
 Starts ``app.py`` (default: the shipped DPO model; compiled, as a Space serves) on a free loopback port. For each
 number of USERS, runs rounds in which every user sends REQUESTS requests, each of a kind drawn (seeded) from Chat
@@ -20,6 +21,7 @@ import itertools
 import json
 import random
 import statistics
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -186,12 +188,19 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=0.0, help="repeat rounds for this long (a soak)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
+    parser.add_argument(
+        "--malloc-stats",
+        action="store_true",
+        help="sample the server's glibc arenas and Python objects every 30 s (bench/malloc_probe.py)",
+    )
     args = parser.parse_args()
     tokenizer = load_tokenizer(args.model)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     loads = []
+    samples = Path(tempfile.mkdtemp(prefix="malloc-")) / "samples.jsonl"
+    probe = f"from bench.malloc_probe import start\nstart({str(samples)!r})" if args.malloc_stats else ""
     # ARENA_MIN_SECONDS=0: the simulated visitors vote as soon as their replies end
-    with running_app(args.model, DECODER_COMPILE="1", ARENA_MIN_SECONDS="0") as (url, proc):
+    with running_app(args.model, preamble=probe, DECODER_COMPILE="1", ARENA_MIN_SECONDS="0") as (url, proc):
         wait_until_compiled(url)
         for users in args.users:
             loads.append(run_load(url, proc.pid, users, args.requests, args.rounds, args.max_new_tokens, args.minutes,
@@ -200,6 +209,8 @@ def main() -> None:
     result = {"model": display_name(args.model), "max_new_tokens": args.max_new_tokens,
               "requests_per_user": args.requests, "minutes": args.minutes,
               "loads": loads}  # fmt: skip
+    if args.malloc_stats:
+        result["malloc_samples"] = [json.loads(line) for line in samples.read_text().splitlines()]
     write_result(args.out, result)
 
 

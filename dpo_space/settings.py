@@ -64,6 +64,7 @@ class SpaceSettings:
     arena_min_seconds: float = 3.0  # a session's votes come at least this far apart
     feedback_repo: str | None = None  # a Hub dataset that feedback shards are pushed to (with HF_TOKEN)
     hf_token: str | None = field(default=None, repr=False)  # never in a log or a response
+    malloc_trim_seconds: float = 60.0  # glibc's free arena pages handed back this often (memory.py); 0: never
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> SpaceSettings:
@@ -93,6 +94,7 @@ class SpaceSettings:
             arena_min_seconds=read.number("ARENA_MIN_SECONDS", 3.0, low=0.0),
             feedback_repo=env.get("FEEDBACK_REPO") or None,
             hf_token=env.get("HF_TOKEN") or None,
+            malloc_trim_seconds=read.number("MALLOC_TRIM_SECONDS", 60.0, low=0.0),
         )
 
 

@@ -1,7 +1,10 @@
+import json
 import logging
 import platform
 import threading
 import time
+
+import pytest
 
 from dpo_space.memory import limit_malloc_arenas, trim_periodically
 
@@ -28,3 +31,20 @@ def test_free_memory_is_handed_back_periodically_until_stopped(caplog):
     assert any(r.message.startswith("malloc_trim: ") and " MB resident -> " in r.message for r in caplog.records)
     time.sleep(0.2)  # the thread wakes from its wait and ends
     assert not any(t.name == "malloc-trim" and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_malloc_probe_tells_memory_in_use_from_memory_held_free(tmp_path):
+    if not GLIBC:
+        pytest.skip("mallinfo2 is glibc's")
+    from bench.malloc_probe import start
+
+    path = tmp_path / "samples.jsonl"
+    start(str(path), every_s=0.05)
+    deadline = time.monotonic() + 10
+    while not (path.is_file() and path.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert set(first) == {"time", "rss_mb", "arenas_mb", "in_use_mb", "held_free_mb", "mapped_chunks_mb",
+                          "python_objects"}  # fmt: skip
+    assert abs(first["in_use_mb"] + first["held_free_mb"] - first["arenas_mb"]) <= 0.2  # the arenas' two parts
+    assert first["rss_mb"] > first["in_use_mb"] > 0 and first["python_objects"] > 1000

@@ -17,9 +17,11 @@ def test_an_empty_environment_gives_the_documented_defaults():
 
 def test_values_are_parsed_and_concurrency_follows_max_batch():
     env = {"MODEL_ID": "me/model", "MAX_BATCH": "4", "STREAM_INTERVAL": "0", "DECODER": "generate",
-           "DECODER_COMPILE": "0", "GRADIO_SERVER_PORT": "7861", "REF_MODEL_ID": ""}  # fmt: skip
+           "DECODER_COMPILE": "0", "GRADIO_SERVER_PORT": "7861", "REF_MODEL_ID": "",
+           "MALLOC_TRIM_SECONDS": "0"}  # fmt: skip
     settings = SpaceSettings.from_env(env)
     assert settings.model_id == "me/model" and settings.ref_model_id is None and settings.server_port == 7861
+    assert settings.malloc_trim_seconds == 0.0 and SpaceSettings().malloc_trim_seconds == 60.0
     assert settings.engine == EngineSettings(decoder="generate", compile=False, max_batch=4, stream_interval=0.0)
     assert settings.concurrency == 4
     assert settings.engine.compile_cache_dir is None  # Inductor's own default, off a Space with persistent storage
@@ -37,6 +39,7 @@ def test_values_are_parsed_and_concurrency_follows_max_batch():
         ({"STREAM_TIMEOUT": "nan"}, "STREAM_TIMEOUT must be a number of at least 0.001; got 'nan'"),
         ({"DTYPE": "fp8"}, "DTYPE must be one of auto, float32, bfloat16, float16; got 'fp8'"),
         ({"DECODER_COMPILE": "yes"}, "DECODER_COMPILE must be one of 0, 1; got 'yes'"),
+        ({"MALLOC_TRIM_SECONDS": "-1"}, "MALLOC_TRIM_SECONDS must be a number of at least 0; got '-1'"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_it_accepts(env, message):
