@@ -19,7 +19,9 @@ recipe cannot win by learning less:
 - ``recipe-top-15-layers``, ``recipe-top-8-layers``: the recipe with LoRA on the top 15 or 8 of the 30 layers
   only (``--lora_top_layers``): the backward pass stops below them;
 - ``shipped``: the shipped model's recipe as it is (its loss, its precision choice), on its data mix: half of
-  ``--pairs`` HH, half PandaLM's helpful pairs.
+  ``--pairs`` HH, half PandaLM's helpful pairs;
+- ``original-fp32``, ``shipped-fp32``: those two in fp32, as ``precision: auto`` trains them on a CPU without
+  native bf16 (where bf16 autocast is emulated, several times slower).
 Held-out metrics come twice: from the trainer (under bf16 autocast, as it trains: a pair's summed log-probs move
 by up to ~0.5 nats with the batch it is in, more than these short runs teach) and from ``train.evaluate`` in
 fp32 on the same pairs (exact; the ones to compare).
@@ -48,9 +50,12 @@ EVAL_8 = ["--per_device_eval_batch_size", "8"]  # the recipe's held-out batches 
 ALL_POSITIONS = ["--completion_logits_only", "false"]  # TRL's own CPU path: the LM head at prompt tokens too
 TWICE = ["--share_prompts", "false"]  # TRL's own forward: a pair's prompt in the chosen and in the rejected row
 LORA = ["--config", "train/recipes/smollm2-hh-lora.yaml"]
+ORIGINAL = ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
+            "--max_length", "512", *ALL_POSITIONS, *TWICE]  # fmt: skip
+SHIPPED = ["--config", SHIPPED_RECIPE, "--helpful_dataset_name", str(HELPFUL)]
+FP32 = ["--precision", "fp32"]
 CONFIGS = {
-    "original": ["--config", "train/recipes/gpt2-hh.yaml", "--eval_fraction", "0.1", "--skip_bad_rows", "true",
-                 "--max_length", "512", *ALL_POSITIONS, *TWICE],
+    "original": ORIGINAL,
     "lora": [*LORA, "--precompute_ref_log_probs", "false", *EVAL_8, *ALL_POSITIONS, *TWICE],
     "lora-precomputed-ref": [*LORA, *EVAL_8, *ALL_POSITIONS, *TWICE],
     "lora-eval-batch-2": [*LORA, *ALL_POSITIONS, *TWICE],
@@ -60,9 +65,11 @@ CONFIGS = {
     "recipe-top-15-layers": [*LORA, "--lora_top_layers", "15"],
     "recipe-top-8-layers": [*LORA, "--lora_top_layers", "8"],
     # the shipped model's recipe, its data mix kept: half the pairs HH, half PandaLM's helpful ones
-    "shipped": ["--config", SHIPPED_RECIPE, "--helpful_dataset_name", str(HELPFUL)],
+    "shipped": SHIPPED,
+    "original-fp32": [*ORIGINAL, *FP32],
+    "shipped-fp32": [*SHIPPED, *FP32],
 }  # fmt: skip
-MIXED = {"shipped"}  # configurations whose --pairs are half HH, half helpful
+MIXED = {"shipped", "shipped-fp32"}  # configurations whose --pairs are half HH, half helpful
 
 
 def run_config(name: str, args, out: Path) -> dict:
