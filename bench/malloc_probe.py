@@ -1,6 +1,7 @@
-"""Inside a server under load: every few seconds, one JSON line of where its memory is (resident; glibc's arenas:
-bytes in use, bytes held free, chunks mapped on their own; Python's live objects). So that a rising RSS can be told
-apart: more in use (something kept) or more held free (the allocator's retention).
+"""Inside a server under load: every few seconds, one JSON line of where its memory is (resident, anonymous and
+file-backed; glibc's arenas: bytes in use, bytes held free, chunks mapped on their own; Python's live objects). So
+that a rising RSS can be told apart: more in use (something kept), more held free (the allocator's retention), or
+anonymous memory outside glibc's malloc (Python's own object arenas, thread stacks, other mappings).
 
 ``python -m bench.load --malloc-stats`` starts the app with it and keeps the samples in its JSON.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import threading
 import time
 
@@ -23,11 +23,17 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
                  "keepcost")]  # fmt: skip
 
 
+def _status_mb() -> dict:
+    """Resident memory from ``/proc/self/status``: all of it, its anonymous part and its file-backed part."""
+    wanted = {"VmRSS": "rss_mb", "RssAnon": "anonymous_mb", "RssFile": "file_mb"}
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return {key: round(int(fields[name].split()[0]) / 1024, 1) for name, key in wanted.items()}
+
+
 def sample(libc) -> dict:
     info = libc.mallinfo2()
-    with open("/proc/self/statm") as statm:
-        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return {"time": round(time.time(), 1), "rss_mb": round(resident / MB, 1),
+    return {"time": round(time.time(), 1), **_status_mb(),
             "arenas_mb": round(info.arena / MB, 1), "in_use_mb": round(info.uordblks / MB, 1),
             "held_free_mb": round(info.fordblks / MB, 1), "mapped_chunks_mb": round(info.hblkhd / MB, 1),
             "python_objects": len(gc.get_objects())}  # fmt: skip
