@@ -39,15 +39,16 @@ def sample(libc) -> dict:
             "python_objects": len(gc.get_objects())}  # fmt: skip
 
 
-def start(path: str, every_s: float = 30.0) -> None:
-    """Append a sample to ``path`` every ``every_s`` seconds, from a daemon thread."""
+def start(path: str, every_s: float = 30.0) -> threading.Event:
+    """Append a sample to ``path`` every ``every_s`` seconds, from a daemon thread; returns the event that stops it."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
+    stop = threading.Event()
 
     def loop() -> None:
-        while True:
-            time.sleep(every_s)
+        while not stop.wait(every_s):
             with open(path, "a") as out:
                 out.write(json.dumps(sample(libc)) + "\n")
 
     threading.Thread(target=loop, name="malloc-probe", daemon=True).start()
+    return stop

@@ -39,12 +39,15 @@ def test_the_malloc_probe_tells_memory_in_use_from_memory_held_free(tmp_path):
     from bench.malloc_probe import start
 
     path = tmp_path / "samples.jsonl"
-    start(str(path), every_s=0.05)
+    stop = start(str(path), every_s=0.05)
     deadline = time.monotonic() + 10
     while not (path.is_file() and path.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         time.sleep(0.05)
+    stop.set()
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first) == {"time", "rss_mb", "anonymous_mb", "file_mb", "arenas_mb", "in_use_mb", "held_free_mb",
                           "mapped_chunks_mb", "python_objects"}  # fmt: skip
     assert abs(first["in_use_mb"] + first["held_free_mb"] - first["arenas_mb"]) <= 0.2  # the arenas' two parts
     assert first["rss_mb"] >= first["anonymous_mb"] > 0 and first["in_use_mb"] > 0 and first["python_objects"] > 1000
+    time.sleep(0.2)  # the thread wakes from its wait and ends
+    assert not any(t.name == "malloc-probe" and t.is_alive() for t in threading.enumerate())
