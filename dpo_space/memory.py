@@ -5,9 +5,9 @@ A Space serves from dozens of threads (Gradio's workers, the scheduler, the API)
 about 12 MB per round of 16 users, 21% over a 30-minute soak; with two arenas it rose 4.5% over 10 minutes against
 13% (docs/performance.md). ``MALLOC_ARENA_MAX`` set in the environment is glibc's own and wins.
 
-What still rose was memory glibc held free, not memory in use: under load the bytes in use and the count of Python
-objects stayed flat while the arenas' free part grew. ``trim_periodically`` hands those free pages back
-(``malloc_trim``) once a minute.
+With two arenas the memory glibc holds free still came and went by tens of MB under load, on top of native memory
+in use that rose by a few MB a minute (Python's objects stayed flat; docs/performance.md). ``trim_periodically``
+hands the free pages back (``malloc_trim``) once a minute.
 """
 
 from __future__ import annotations
