@@ -414,8 +414,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=settings.server_port)
     args = parser.parse_args()
     limit_malloc_arenas()  # before the server's threads start
-    if settings.malloc_trim_seconds:
-        trim_periodically(settings.malloc_trim_seconds)
+    trim_periodically(settings.malloc_trim_seconds)  # 0: never
     engine = Engine.load(args.model, args.ref_model, settings.engine)
     sync = start_hub_sync(settings.feedback_dir, settings.feedback_repo, settings.hf_token)
     store = FeedbackStore(settings.feedback_dir, load_salt(settings.feedback_dir), sync)

@@ -28,16 +28,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.machine import write_result
+from bench.malloc_probe import resident_mb
 
 BUSY = ("Queue is full", "busy")  # Gradio's answer, and the OpenAI API's 503 message
 KINDS = ("chat", "generate", "compare", "arena", "openai")
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return resident_mb(pid)["rss_mb"]
 
 
 def settings(max_new_tokens: int) -> list:
@@ -197,8 +195,10 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     loads = []
-    samples = Path(tempfile.mkdtemp(prefix="malloc-")) / "samples.jsonl"
-    probe = f"from bench.malloc_probe import start\nstart({str(samples)!r})" if args.malloc_stats else ""
+    probe, samples = "", None
+    if args.malloc_stats:
+        samples = Path(tempfile.mkdtemp(prefix="malloc-")) / "samples.jsonl"
+        probe = f"from bench.malloc_probe import start\nstart({str(samples)!r})"
     # ARENA_MIN_SECONDS=0: the simulated visitors vote as soon as their replies end
     with running_app(args.model, preamble=probe, DECODER_COMPILE="1", ARENA_MIN_SECONDS="0") as (url, proc):
         wait_until_compiled(url)
@@ -209,8 +209,9 @@ def main() -> None:
     result = {"model": display_name(args.model), "max_new_tokens": args.max_new_tokens,
               "requests_per_user": args.requests, "minutes": args.minutes,
               "loads": loads}  # fmt: skip
-    if args.malloc_stats:
-        result["malloc_samples"] = [json.loads(line) for line in samples.read_text().splitlines()]
+    if samples is not None:  # none yet if the run was shorter than the probe's first 30 s
+        lines = samples.read_text().splitlines() if samples.is_file() else []
+        result["malloc_samples"] = [json.loads(line) for line in lines]
     write_result(args.out, result)
 
 

@@ -3,7 +3,8 @@ file-backed; glibc's arenas: bytes in use, bytes held free, chunks mapped on the
 that a rising RSS can be told apart: more in use (something kept), more held free (the allocator's retention), or
 anonymous memory outside glibc's malloc (Python's own object arenas, thread stacks, other mappings).
 
-``python -m bench.load --malloc-stats`` starts the app with it and keeps the samples in its JSON.
+``python -m bench.load --malloc-stats`` starts the app with it and keeps the samples in its JSON; ``bench.load`` reads
+every RSS it reports with ``resident_mb``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,19 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
                  "keepcost")]  # fmt: skip
 
 
-def _status_mb() -> dict:
-    """Resident memory from ``/proc/self/status``: all of it, its anonymous part and its file-backed part."""
+def resident_mb(pid: int | str = "self") -> dict:
+    """A process's resident memory from ``/proc/PID/status``: all of it, its anonymous and its file-backed part."""
     wanted = {"VmRSS": "rss_mb", "RssAnon": "anonymous_mb", "RssFile": "file_mb"}
-    with open("/proc/self/status") as status:
+    with open(f"/proc/{pid}/status") as status:
         fields = dict(line.split(":", 1) for line in status if ":" in line)
+    if not wanted.keys() <= fields.keys():
+        raise RuntimeError(f"/proc/{pid}/status has no {', '.join(wanted.keys() - fields.keys())}")
     return {key: round(int(fields[name].split()[0]) / 1024, 1) for name, key in wanted.items()}
 
 
 def sample(libc) -> dict:
     info = libc.mallinfo2()
-    return {"time": round(time.time(), 1), **_status_mb(),
+    return {"time": round(time.time(), 1), **resident_mb(),
             "arenas_mb": round(info.arena / MB, 1), "in_use_mb": round(info.uordblks / MB, 1),
             "held_free_mb": round(info.fordblks / MB, 1), "mapped_chunks_mb": round(info.hblkhd / MB, 1),
             "python_objects": len(gc.get_objects())}  # fmt: skip

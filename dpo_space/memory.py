@@ -53,9 +53,9 @@ def _resident_mb() -> float:
 def trim_periodically(every_s: float = 60.0) -> threading.Event | None:
     """Every ``every_s`` seconds, from a daemon thread, hand the free pages of glibc's arenas back to the system
     (``malloc_trim(0)``; each trim's effect and duration are logged at DEBUG). Returns the event that stops it;
-    None where there is no glibc."""
+    None where there is no glibc or ``every_s`` is 0 (never)."""
     libc = _glibc()
-    if libc is None:
+    if libc is None or not every_s:
         return None
     stop = threading.Event()
 
