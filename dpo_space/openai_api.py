@@ -88,8 +88,10 @@ def parse_chat_request(body, policy_id: str) -> ChatRequest:
 
 
 def parse_stops(stop) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
         raise APIError(f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
     return stops
 

@@ -39,6 +39,7 @@ def test_openai_parameters_map_to_the_spaces_settings():
         ({"messages": HI, "max_tokens": 5000}, "max_tokens", "max_new_tokens must be in [1, 1024]; got 5000"),
         ({"messages": HI, "temperature": float("nan")}, "temperature", "temperature must be in [0, 2]; got nan"),
         ({"messages": HI, "stop": ["a", ""]}, "stop", "stop must be a string or a list of at most 4 non-empty"),
+        ({"messages": HI, "stop": 1}, "stop", "stop must be a string or a list of at most 4 non-empty"),
         ({"messages": HI, "stream": "yes"}, "stream", "stream must be true or false; got 'yes'"),
     ],
 )
