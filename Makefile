@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# Tests run in parallel workers, each a test file at a time (its module fixtures start once): 2 on this project's
+# 2-core machines (make test took 1.6x less time than in one process). More cores: make test TEST_WORKERS=4.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 .PHONY: demo test test-fast lint bench train-smoke clean
 
 $(STAMP): requirements.txt requirements-train.txt requirements-dev.txt
@@ -18,12 +23,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The inner loop: all but the tests marked slow (those that train or compile, or start the real app or a browser).
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # The speed benchmarks (minutes; tables printed, JSON in bench/results/). llama.cpp joins when llama-cpp-python is
 # installed (a ~7-minute build; a native build died with an illegal instruction here):

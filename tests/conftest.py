@@ -13,6 +13,10 @@ REAL_HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.samp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Tests run in parallel workers (make test: one per core). One thread each, for the worker and the apps it
+    # starts: OpenMP teams of several workers on the same cores would spin against each other.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -321,6 +321,7 @@ def test_a_failed_compile_leaves_the_engine_decoding_eagerly(tiny_adapter, monke
 
 NATIVE_THREADS = """
 import json, os, sys, threading, time
+import torch
 from dpo_space.engine import Engine
 from dpo_space.inputs import MODE_REPLY
 from dpo_space.settings import EngineSettings
@@ -333,7 +334,7 @@ def load_and_score():
     engine = Engine.load(sys.argv[1], settings=EngineSettings(decoder="int4"))
     engine.implicit_reward(engine.prepare("Hello", MODE_REPLY, 8).input_ids, "Hi there")
 
-counts = {}
+counts = {"torch_threads": torch.get_num_threads()}
 def caller():
     counts["before"] = native_threads()
     load_and_score()
@@ -351,17 +352,20 @@ print(json.dumps(counts))
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no OpenMP team to leave behind")
 def test_loading_and_scoring_leave_no_openmp_team_in_the_calling_thread(embedded_path):
     """Each thread that runs parallel torch code keeps an OpenMP team (worker threads) while it lives; with more of
     them than cores, libgomp stops spinning and every team slows down (decoding ran at ~0.5x here beside one idle
     team). The engine computes in threads that end, so a caller (a web server's worker) keeps none. In a process
-    of its own, with no other engine's threads coming and going."""
+    of its own, with no other engine's threads coming and going, and torch's own thread count (not the one thread
+    that parallel test workers are given)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     done = subprocess.run([sys.executable, "-c", NATIVE_THREADS, embedded_path], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)  # fmt: skip
+                          timeout=300, cwd=ROOT, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     counts = json.loads(done.stdout.splitlines()[-1])
-    assert counts["after"] == counts["before"], counts
+    if counts["torch_threads"] < 2:
+        pytest.skip("one torch thread on this machine: no OpenMP team to leave behind")
+    assert counts["after"] <= counts["before"], counts  # a pool thread of the first call may end meanwhile
 
 
 def test_the_scheduler_thread_ends_when_idle_and_a_request_starts_another(engine, monkeypatch):
