@@ -522,36 +522,66 @@ class LlamaDecoder:
             free = self.max_rows - self.rows
             raise ValueError(f"all {self.max_rows} rows are in use" if not free else
                              f"{len(prompts)} prompts do not fit in the {free} free rows")  # fmt: skip
-        for ids in prompts:
-            if not 0 < len(ids) <= self.max_positions:
-                raise ValueError(f"a prompt must have 1 to {self.max_positions} tokens; got {len(ids)}")
         sizes = [len(ids) for ids in prompts]
-        first_row, total = self.rows, sum(sizes)
-        self._ensure_capacity(first_row + len(prompts), max(sizes))
+        self._ensure_capacity(self.rows + len(prompts), max(sizes))
         with torch.no_grad():
-            x = self.embed[torch.tensor([token for ids in prompts for token in ids])]  # [total, hidden]
-            rotations = self.rotations[torch.cat([torch.arange(n) for n in sizes])][:, None]  # [total, 1, half]
-            dense = self.layers[0].qkv.dense_for(total)
-            for i, layer in enumerate(self.layers):
-                input_norm, post_norm, qkv, out, gate_up, down = layer.parts[self.adapter, dense]
-                qk, v = attention_inputs(x, rotations, input_norm, qkv, self.heads, self.head_dim, self.eps)
-                qk = qk.transpose(0, 1).to(self.attention_dtype)  # [heads + kv_heads, total, head_dim]
-                v = v.reshape(total, self.kv_heads, self.head_dim).transpose(0, 1).to(self.attention_dtype)
-                per_prompt = zip(
-                    *(t.split(sizes, dim=1) for t in (qk[: self.heads], qk[self.heads :], v)), strict=True
-                )
-                attended = []
-                for row, (q, k, v) in enumerate(per_prompt, start=first_row):
-                    self.keys[i][row, :, : k.shape[1]] = k
-                    self.values[i][row, :, : k.shape[1]] = v
-                    attended.append(torch.nn.functional.scaled_dot_product_attention(
-                        q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0])  # fmt: skip
-                attended = torch.cat(attended, dim=1).transpose(0, 1).reshape(total, self.heads * self.head_dim)
-                x = feed_forward(x + matmul(attended, *out), post_norm, gate_up, down, self.eps)
-            last = torch.tensor(sizes).cumsum(0) - 1
-            logits = self.lm_head(self._rms(x[last], self.norm)).float()
+            x = self._hidden_states(prompts, cache_from_row=self.rows)
+            logits = self.lm_head(x[torch.tensor(sizes).cumsum(0) - 1]).float()
         self.lengths += sizes
         return logits
+
+    def completion_logps(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Sum of log p(completion tokens | prompt) for each ``(prompt_ids, completion_ids)`` (each completion at
+        least one token), as ``dpo_space.scoring.completion_logps`` computes it with the model, through this
+        decoder's weights; the KV cache is neither read nor written, so rows may be decoding meanwhile (from
+        another thread). The output layer runs in fp32 on the completion positions: a log-softmax needs every
+        logit, not only the best ones exact."""
+        import torch
+
+        if any(not prompt or not completion for prompt, completion in sequences):
+            raise ValueError("each sequence needs a prompt and a completion of at least one token")
+        with torch.no_grad():
+            x = self._hidden_states([prompt + completion for prompt, completion in sequences])
+            ends = torch.tensor([len(p) + len(c) for p, c in sequences]).cumsum(0)
+            at = torch.cat([torch.arange(end - len(c) - 1, end - 1)
+                            for (_, c), end in zip(sequences, ends.tolist(), strict=True)])  # fmt: skip
+            targets = torch.tensor([token for _, completion in sequences for token in completion])
+            x = x[at].float()
+            head = self.lm_head.dense if self.lm_head.format != "fp32" else self.lm_head.weight_t.t()  # [vocab, in]
+            # a slice of the vocabulary at a time in fp32: no second whole copy of the output layer
+            logits = torch.cat([x @ part.float().t() for part in head.split(8192)], dim=-1)
+            token_logps = logits[torch.arange(len(targets)), targets] - logits.logsumexp(dim=-1)
+        return [part.sum().item() for part in token_logps.split([len(c) for _, c in sequences])]
+
+    def _hidden_states(self, sequences: list[list[int]], cache_from_row: int | None = None):
+        """The final normed hidden states [total tokens, hidden] of ``sequences``, each attending to itself only
+        (causally); with ``cache_from_row``, each sequence's keys and values fill the cache from that row on."""
+        import torch
+
+        for ids in sequences:
+            if not 0 < len(ids) <= self.max_positions:
+                raise ValueError(f"a sequence must have 1 to {self.max_positions} tokens; got {len(ids)}")
+        sizes = [len(ids) for ids in sequences]
+        total = sum(sizes)
+        x = self.embed[torch.tensor([token for ids in sequences for token in ids])]  # [total, hidden]
+        rotations = self.rotations[torch.cat([torch.arange(n) for n in sizes])][:, None]  # [total, 1, half]
+        dense = self.layers[0].qkv.dense_for(total)
+        for i, layer in enumerate(self.layers):
+            input_norm, post_norm, qkv, out, gate_up, down = layer.parts[self.adapter, dense]
+            qk, v = attention_inputs(x, rotations, input_norm, qkv, self.heads, self.head_dim, self.eps)
+            qk = qk.transpose(0, 1).to(self.attention_dtype)  # [heads + kv_heads, total, head_dim]
+            v = v.reshape(total, self.kv_heads, self.head_dim).transpose(0, 1).to(self.attention_dtype)
+            per_sequence = zip(*(t.split(sizes, dim=1) for t in (qk[: self.heads], qk[self.heads :], v)), strict=True)
+            attended = []
+            for index, (q, k, v) in enumerate(per_sequence):
+                if cache_from_row is not None:
+                    self.keys[i][cache_from_row + index, :, : k.shape[1]] = k
+                    self.values[i][cache_from_row + index, :, : k.shape[1]] = v
+                attended.append(torch.nn.functional.scaled_dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, enable_gqa=True)[0])  # fmt: skip
+            attended = torch.cat(attended, dim=1).transpose(0, 1).reshape(total, self.heads * self.head_dim)
+            x = feed_forward(x + matmul(attended, *out), post_norm, gate_up, down, self.eps)
+        return self._rms(x, self.norm)
 
     def decode(self, token_ids: list[int]):
         """Feed each row its next token (one per row, in row order); return the logits [rows, vocab]."""
