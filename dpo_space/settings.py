@@ -40,7 +40,7 @@ DECODERS = ("auto", "int4", "fp32", "generate")
 
 @dataclass(frozen=True)
 class EngineSettings:
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (the faster there, and what scoring uses)
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on a CPU (the faster there; the int4 decoder packs from it)
     decoder: str = "auto"  # auto: the int4 CPU decoder where it runs (a Llama on a CPU), else generate
     compile: bool = False  # compile the CPU decoder's step in the background, serving eagerly meanwhile
     compile_cache_dir: str | None = None  # Inductor's on-disk cache (None: its default); warm, a start takes seconds
