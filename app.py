@@ -34,7 +34,7 @@ from dpo_space.inputs import (
     check_text,
     message_text,
 )
-from dpo_space.memory import limit_malloc_arenas, trim_periodically
+from dpo_space.memory import bound_kernel_caches, limit_malloc_arenas, trim_periodically
 from dpo_space.openai_api import CompletionsAPI
 from dpo_space.settings import SpaceSettings
 
@@ -414,6 +414,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=settings.server_port)
     args = parser.parse_args()
     limit_malloc_arenas()  # before the server's threads start
+    bound_kernel_caches()  # before the first matmul
     trim_periodically(settings.malloc_trim_seconds)  # 0: never
     engine = Engine.load(args.model, args.ref_model, settings.engine)
     sync = start_hub_sync(settings.feedback_dir, settings.feedback_repo, settings.hf_token)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dpo_space.memory import limit_malloc_arenas, trim_periodically
+from dpo_space.memory import bound_kernel_caches, limit_malloc_arenas, trim_periodically
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 
@@ -16,6 +16,12 @@ def test_malloc_arenas_are_capped_unless_the_environment_chooses(monkeypatch):
     assert limit_malloc_arenas() is False  # glibc read the variable at start; the app leaves it be
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert limit_malloc_arenas() is GLIBC
+
+
+def test_kernel_caches_are_bounded_unless_the_environment_chooses(monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "32")
+    assert bound_kernel_caches(capacity=64) == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "32"}
 
 
 def test_free_memory_is_handed_back_periodically_until_stopped(caplog):
