@@ -11,9 +11,8 @@ hands the free pages back (``malloc_trim``) once a minute.
 
 That rise in use was the CPU matmul libraries' kernel caches: oneDNN keeps a primitive for each matrix shape it
 has run, and PyTorch's ideep a computation of its own, up to 1,024 each, and every prompt of a new length brings
-new shapes (in-process, prompts of 360 new lengths, each prefilled and scored: +578 MB in use; with both caches at 128:
-+78 MB).
-``bound_kernel_caches`` caps both before the first matmul.
+new shapes. In-process, prompts of 360 new lengths, each prefilled and scored, added 578 MB in use; with both
+caches at 128 entries, 78 MB. ``bound_kernel_caches`` caps both before the first matmul.
 """
 
 from __future__ import annotations

@@ -533,9 +533,9 @@ class LlamaDecoder:
     def completion_logps(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
         """Sum of log p(completion tokens | prompt) for each ``(prompt_ids, completion_ids)`` (each completion at
         least one token), as ``dpo_space.scoring.completion_logps`` computes it with the model, through this
-        decoder's weights; the KV cache is neither read nor written, so rows may be decoding meanwhile (from
-        another thread). The output layer runs in fp32 on the completion positions: a log-softmax needs every
-        logit, not only the best ones exact."""
+        decoder's weights. The KV cache is neither read nor written: the rows being decoded stay as they are. The
+        output layer runs in fp32 at the completion positions: a log-softmax needs every logit, not only the best
+        ones exact."""
         import torch
 
         if any(not prompt or not completion for prompt, completion in sequences):
