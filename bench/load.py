@@ -28,14 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.machine import write_result
-from bench.malloc_probe import resident_mb
+from dpo_space.memory import resident_mb
 
 BUSY = ("Queue is full", "busy")  # Gradio's answer, and the OpenAI API's 503 message
 KINDS = ("chat", "generate", "compare", "arena", "openai")
-
-
-def rss_mb(pid: int) -> float:
-    return resident_mb(pid)["rss_mb"]
 
 
 def settings(max_new_tokens: int) -> list:
@@ -144,7 +140,7 @@ def run_load(url: str, pid: int, users: int, requests: int, rounds: int = 1, max
     count_tokens = count_tokens or (lambda text: len(text.split()))
     policy_id = next(m.id for m in OpenAI(base_url=url + "v1", api_key="unused").models.list() if m.id != "reference")
     idle = [single_request_seconds(url, max_new_tokens)]
-    rss, outcomes, wall, per_round = [rss_mb(pid)], [], 0.0, []
+    rss, outcomes, wall, per_round = [resident_mb(pid)["rss_mb"]], [], 0.0, []
     deadline = time.monotonic() + 60 * minutes
     for index in itertools.count():
         if (minutes and time.monotonic() > deadline) or (not minutes and index >= rounds):
@@ -153,7 +149,7 @@ def run_load(url: str, pid: int, users: int, requests: int, rounds: int = 1, max
         outcomes += done
         wall += seconds
         tokens = sum(count_tokens(t) for o in done if o["outcome"] == "completed" for t in o["texts"])
-        rss.append(rss_mb(pid))
+        rss.append(resident_mb(pid)["rss_mb"])
         idle.append(single_request_seconds(url, max_new_tokens))
         per_round.append({"seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
                           "rss_mb": round(rss[-1], 1), "idle_request_s": round(idle[-1], 3)})  # fmt: skip

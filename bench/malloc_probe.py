@@ -3,8 +3,8 @@ file-backed; glibc's arenas: bytes in use, bytes held free, chunks mapped on the
 that a rising RSS can be told apart: more in use (something kept), more held free (the allocator's retention), or
 anonymous memory outside glibc's malloc (Python's own object arenas, thread stacks, other mappings).
 
-``python -m bench.load --malloc-stats`` starts the app with it and keeps the samples in its JSON; ``bench.load`` reads
-every RSS it reports with ``resident_mb``.
+``python -m bench.load --malloc-stats`` starts the app with it and keeps the samples in its JSON. Resident memory is
+read by ``dpo_space.memory.resident_mb``, as the app's own trimming and ``bench.load`` read it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import json
 import threading
 import time
 
+from dpo_space.memory import resident_mb
+
 MB = 2**20
 
 
@@ -22,16 +24,6 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33, malloc.h
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                  "keepcost")]  # fmt: skip
-
-
-def resident_mb(pid: int | str = "self") -> dict:
-    """A process's resident memory from ``/proc/PID/status``: all of it, its anonymous and its file-backed part."""
-    wanted = {"VmRSS": "rss_mb", "RssAnon": "anonymous_mb", "RssFile": "file_mb"}
-    with open(f"/proc/{pid}/status") as status:
-        fields = dict(line.split(":", 1) for line in status if ":" in line)
-    if not wanted.keys() <= fields.keys():
-        raise RuntimeError(f"/proc/{pid}/status has no {', '.join(wanted.keys() - fields.keys())}")
-    return {key: round(int(fields[name].split()[0]) / 1024, 1) for name, key in wanted.items()}
 
 
 def sample(libc) -> dict:

@@ -65,9 +65,14 @@ def bound_kernel_caches(capacity: int = 128) -> dict[str, str]:
     return capacities
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def resident_mb(pid: int | str = "self") -> dict:
+    """A process's resident memory from ``/proc/PID/status``: all of it, its anonymous and its file-backed part."""
+    wanted = {"VmRSS": "rss_mb", "RssAnon": "anonymous_mb", "RssFile": "file_mb"}
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    if not wanted.keys() <= fields.keys():
+        raise RuntimeError(f"/proc/{pid}/status has no {', '.join(wanted.keys() - fields.keys())}")
+    return {key: round(int(fields[name].split()[0]) / 1024, 1) for name, key in wanted.items()}
 
 
 def trim_periodically(every_s: float = 60.0) -> threading.Event | None:
@@ -81,9 +86,9 @@ def trim_periodically(every_s: float = 60.0) -> threading.Event | None:
 
     def trim() -> None:
         while not stop.wait(every_s):
-            before, started = _resident_mb(), time.perf_counter()
+            before, started = resident_mb()["rss_mb"], time.perf_counter()
             libc.malloc_trim(0)
-            logger.debug("malloc_trim: %.0f MB resident -> %.0f MB in %.0f ms", before, _resident_mb(),
+            logger.debug("malloc_trim: %.0f MB resident -> %.0f MB in %.0f ms", before, resident_mb()["rss_mb"],
                          (time.perf_counter() - started) * 1000)  # fmt: skip
 
     threading.Thread(target=trim, name="malloc-trim", daemon=True).start()

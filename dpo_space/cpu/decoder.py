@@ -547,9 +547,9 @@ class LlamaDecoder:
                             for (_, c), end in zip(sequences, ends.tolist(), strict=True)])  # fmt: skip
             targets = torch.tensor([token for _, completion in sequences for token in completion])
             x = x[at].float()
-            head = self.lm_head.dense if self.lm_head.format != "fp32" else self.lm_head.weight_t.t()  # [vocab, in]
+            (head_t,), _ = self.lm_head.parts(adapter=False, dense=True)  # [in, vocab]: fp32, or Q8_0's as bf16
             # a slice of the vocabulary at a time in fp32: no second whole copy of the output layer
-            logits = torch.cat([x @ part.float().t() for part in head.split(8192)], dim=-1)
+            logits = torch.cat([x @ part.float() for part in head_t.split(8192, dim=1)], dim=-1)
             token_logps = logits[torch.arange(len(targets)), targets] - logits.logsumexp(dim=-1)
         return [part.sum().item() for part in token_logps.split([len(c) for _, c in sequences])]
 
