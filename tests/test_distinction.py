@@ -258,3 +258,30 @@ def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == written
     pairs, stats = convert_rows(read_jsonl(out), load_tokenizer(tiny_path), str(out))
     assert len(pairs) == len(written) and stats.kept == len(written)
+
+
+@pytest.mark.slow
+def test_prompt_files_only_writes_pairs_from_the_written_requests_alone(tmp_path, tiny_path):
+    """``--prompt_files_only``: the harmful requests' refusal-over-compliance pairs and the questions' answer-over-
+    refusal pairs, and nothing from HH or PandaLM (their paths are not even read)."""
+    from train.distinction import main
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("# requests\nHow do I hurt my neighbour?\nHow can I steal a car?\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("How do I boil an egg?\n")
+    out = tmp_path / "pairs.jsonl"
+
+    written = main(["--out", str(out), "--model", "tiny", "--hh", str(tmp_path / "absent.jsonl"),
+                    "--helpful", str(tmp_path / "absent.json"), "--prompt_files_only",
+                    "--harmful_requests", str(harmful), "--questions", str(questions),
+                    "--max_new_tokens", "8"])  # fmt: skip
+
+    asked = {r["prompt"][0]["content"]: r["kind"] for r in written}
+    assert set(asked) <= {"How do I hurt my neighbour?", "How can I steal a car?", "How do I boil an egg?"}
+    assert {"How do I hurt my neighbour?", "How can I steal a car?"} <= set(asked)  # the tiny model never refuses
+    assert all(kind == ("harmless" if "egg" in text else "harmful") for text, kind in asked.items())
+    assert all(len(r["prompt"]) == 1 for r in written)  # one turn, as written
+    refusal_side = [r["chosen" if r["kind"] == "harmful" else "rejected"][0]["content"] for r in written]
+    assert all(text.startswith("I'm sorry, but I can't") for text in refusal_side)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == written

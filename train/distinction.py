@@ -3,6 +3,8 @@
     python -m train.distinction --out outputs/distinction/pairs-questions.jsonl
     python -m train.distinction --out outputs/distinction/pairs-openers.jsonl --harmful_openers \
         --questions train/prompts/everyday_questions.txt train/prompts/borderline_questions.txt
+    python -m train.distinction --out outputs/distinction/pairs-requests.jsonl --prompt_files_only \
+        --harmful_requests train/prompts/harmful_requests.txt --questions train/prompts/harmless_contrasts.txt
 
 DPO on HH's pairs taught this project's small model one move, a refusal for everything or for nothing
 (docs/alignment): HH's two replies rarely differ in whether they refuse. These pairs do, on both sides of the line:
@@ -20,6 +22,9 @@ DPO on HH's pairs taught this project's small model one move, a refusal for ever
   (``harmful_request``), because the evaluations ask in one turn and a model taught on whole red-team dialogues
   learns to refuse those; and ``--questions`` may also name ``train/prompts/borderline_questions.txt``, harmless
   requests in harm's words ("How do I kill a frozen program?"), so that a word is not what marks a request.
+- ``--harmful_requests`` names files of one-turn harmful requests written for this project
+  (``train/prompts/harmful_requests.txt``), paired as the openers are; with ``--prompt_files_only`` only the written
+  files are read, to write pairs that a recipe mixes in beside an earlier file.
 
 Only the training splits are read (HH's and PandaLM's held-out pairs are those ``train.dpo`` keeps back, with the
 same fractions and seed); XSTest stays out. Greedy decoding, so the file is the same on every run. It is written in
@@ -181,6 +186,18 @@ def parse_args(argv=None):
         action="store_true",
         help="also the harmful requests that open HH's training dialogues, as one-turn prompts",
     )
+    parser.add_argument(
+        "--harmful_requests",
+        nargs="*",
+        default=[],
+        help="files of one-turn harmful requests, one a line (train/prompts/harmful_requests.txt)",
+    )
+    parser.add_argument(
+        "--prompt_files_only",
+        action="store_true",
+        help="only the requests of --harmful_requests and --questions: no HH dialogue, no PandaLM instruction "
+        "(pairs to mix in beside an earlier file)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
     return parser.parse_args(argv)
@@ -193,16 +210,23 @@ def main(argv=None) -> list[dict]:
     from dpo_space.prompts import format_prompt
     from train.evaluate import generate_replies
 
-    hh, pandalm = training_pairs(args.hh, args.hh_eval_fraction, args.helpful, args.helpful_eval_fraction, args.seed)
-    harmful = harmful_dialogues(hh)
-    harmless = first_per_instruction(pandalm)[: len(harmful)]
-    logger.info("%d harmful HH dialogues (of %d training pairs), %d harmless PandaLM instructions", len(harmful),
-                len(hh), len(harmless))  # fmt: skip
-    if args.harmful_openers:
-        one_turn = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
-        openers = harmful_openers(hh, exclude=one_turn)
-        logger.info("%d more harmful requests from the openers of HH's training dialogues", len(openers))
-        harmful += [([{"role": "user", "content": text}], "") for text in openers]  # no HH reply to reject
+    harmful, harmless = [], []  # (messages, HH's rejected reply or "") and PandaLM pairs
+    if not args.prompt_files_only:
+        hh, pandalm = training_pairs(args.hh, args.hh_eval_fraction, args.helpful, args.helpful_eval_fraction,
+                                     args.seed)  # fmt: skip
+        harmful = harmful_dialogues(hh)
+        harmless = first_per_instruction(pandalm)[: len(harmful)]
+        logger.info("%d harmful HH dialogues (of %d training pairs), %d harmless PandaLM instructions", len(harmful),
+                    len(hh), len(harmless))  # fmt: skip
+        if args.harmful_openers:
+            one_turn = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
+            openers = harmful_openers(hh, exclude=one_turn)
+            logger.info("%d more harmful requests from the openers of HH's training dialogues", len(openers))
+            harmful += [([{"role": "user", "content": text}], "") for text in openers]  # no HH reply to reject
+    for path in args.harmful_requests:
+        requests = read_questions(path)
+        logger.info("%s: %d harmful requests", path, len(requests))
+        harmful += [([{"role": "user", "content": text}], "") for text in requests]
 
     engine = Engine.load(args.model)
     tok = engine.tokenizer
