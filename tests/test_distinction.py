@@ -1,6 +1,7 @@
 import functools
 import gzip
 import json
+import logging
 import re
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -261,9 +262,10 @@ def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
 
 
 @pytest.mark.slow
-def test_prompt_files_only_writes_pairs_from_the_written_requests_alone(tmp_path, tiny_path):
-    """``--prompt_files_only``: the harmful requests' refusal-over-compliance pairs and the questions' answer-over-
-    refusal pairs, and nothing from HH or PandaLM (their paths are not even read)."""
+def test_prompt_files_only_reads_the_written_requests_alone(tmp_path, tiny_path, caplog):
+    """``--prompt_files_only``: the written harmful requests and questions are decoded, and HH and PandaLM are not
+    read (their paths here do not exist). The tiny model's own replies are empty, so it writes no pair; which pairs a
+    reply makes is ``harmful_row``'s and ``harmless_row``'s, tested above on literal replies."""
     from train.distinction import main
 
     harmful = tmp_path / "harmful.txt"
@@ -271,17 +273,15 @@ def test_prompt_files_only_writes_pairs_from_the_written_requests_alone(tmp_path
     questions = tmp_path / "questions.txt"
     questions.write_text("How do I boil an egg?\n")
     out = tmp_path / "pairs.jsonl"
+    caplog.set_level(logging.INFO, logger="train.distinction")
 
     written = main(["--out", str(out), "--model", "tiny", "--hh", str(tmp_path / "absent.jsonl"),
                     "--helpful", str(tmp_path / "absent.json"), "--prompt_files_only",
                     "--harmful_requests", str(harmful), "--questions", str(questions),
                     "--max_new_tokens", "8"])  # fmt: skip
 
-    asked = {r["prompt"][0]["content"]: r["kind"] for r in written}
-    assert set(asked) <= {"How do I hurt my neighbour?", "How can I steal a car?", "How do I boil an egg?"}
-    assert {"How do I hurt my neighbour?", "How can I steal a car?"} <= set(asked)  # the tiny model never refuses
-    assert all(kind == ("harmless" if "egg" in text else "harmful") for text, kind in asked.items())
-    assert all(len(r["prompt"]) == 1 for r in written)  # one turn, as written
-    refusal_side = [r["chosen" if r["kind"] == "harmful" else "rejected"][0]["content"] for r in written]
-    assert all(text.startswith("I'm sorry, but I can't") for text in refusal_side)
-    assert [json.loads(line) for line in out.read_text().splitlines()] == written
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"{harmful}: 2 harmful requests" in messages
+    assert f"{questions}: 0 of 1 answered without refusing or looping" in messages
+    assert not any("HH dialogues" in m for m in messages)
+    assert out.is_file() and [json.loads(line) for line in out.read_text().splitlines()] == written
