@@ -285,3 +285,12 @@ def test_prompt_files_only_reads_the_written_requests_alone(tmp_path, tiny_path,
     assert f"{questions}: 0 of 1 answered without refusing or looping" in messages
     assert not any("HH dialogues" in m for m in messages)
     assert out.is_file() and [json.loads(line) for line in out.read_text().splitlines()] == written
+
+
+def test_prompt_files_only_with_hh_openers_is_an_error_that_says_which_to_drop(capsys):
+    from train.distinction import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "pairs.jsonl", "--prompt_files_only", "--harmful_openers"])
+    assert "--harmful_openers reads HH's training dialogues" in capsys.readouterr().err
+    assert parse_args(["--out", "pairs.jsonl", "--prompt_files_only"]).prompt_files_only

@@ -200,7 +200,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.prompt_files_only and args.harmful_openers:
+        parser.error("--harmful_openers reads HH's training dialogues, which --prompt_files_only leaves out: drop one")
+    return args
 
 
 def main(argv=None) -> list[dict]:
