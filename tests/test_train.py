@@ -161,24 +161,46 @@ def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
     assert loaded.model.config.model_type == "llama" and not loaded.is_adapter
 
 
+def torchrun(command: list[str], timeout: float) -> tuple[int, str] | None:
+    """Run a ``torchrun`` launch in its own process group: its exit code and stderr, or None (the whole group
+    killed) when it runs past ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        proc.communicate()
+        return None
+    return proc.returncode, stderr
+
+
 @pytest.mark.slow
 def test_two_processes_train_together_and_write_one_checkpoint(tmp_path, tiny_path):
     """``torchrun --standalone --nproc_per_node 2``: two gloo ranks on the CPU, as DDP would run on two GPUs.
-    ``--standalone`` rendezvous on a free port, so another launch on the same host cannot join this one."""
-    import subprocess
+    ``--standalone`` rendezvous on a free port, so another launch on the same host cannot join this one.
+
+    About 10 s when healthy. Under the full suite's load a launch once stayed alive after rank 0 had saved everything
+    (both ranks past training, in the final barrier or the process group's teardown), so a launch that outlives
+    150 s is killed and tried once more in a fresh folder; a second one failing fails the test."""
     import sys
 
-    out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "train.dpo", "--config", TINY, "--dataset_name", str(FIXTURE_HH), "--output_dir", str(out)]  # fmt: skip
-    try:
-        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as hung:  # ~10 s when healthy: show where the ranks stopped
-        tail = hung.stderr or b""
-        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
-        pytest.fail(f"torchrun did not finish in 300 s; the end of its output:\n{tail[-3000:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "Rank 0 of 2 trained 4 steps" in run.stderr and "Rank 1 of 2 trained 4 steps" in run.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "train.dpo", "--config", TINY, "--dataset_name", str(FIXTURE_HH)]  # fmt: skip
+    for attempt in ("first", "second"):
+        out = tmp_path / f"ddp-{attempt}"
+        finished = torchrun([*launch, "--output_dir", str(out)], timeout=150)
+        if finished is not None:
+            break
+    else:
+        pytest.fail("torchrun did not finish in 150 s, twice")
+    returncode, stderr = finished
+    assert returncode == 0, stderr[-3000:]
+    assert "Rank 0 of 2 trained 4 steps" in stderr and "Rank 1 of 2 trained 4 steps" in stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     last = out / "checkpoint-4"
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "trainer_state.json"} <= {
