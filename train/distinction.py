@@ -62,6 +62,11 @@ def refusal_reply(continuation: str, prefix: str = REFUSAL_PREFIX) -> str:
     return first_sentence(f"{prefix} {rest}")
 
 
+def one_turn(text: str) -> list[dict]:
+    """``text`` as a conversation of one user turn."""
+    return [{"role": "user", "content": text}]
+
+
 def preference_row(messages: list[dict], chosen: str, rejected: str, kind: str) -> dict:
     """One row in TRL's conversational preference format; ``kind`` (harmful or harmless) is kept for counting."""
     return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
@@ -225,11 +230,11 @@ def main(argv=None) -> list[dict]:
             one_turn = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
             openers = harmful_openers(hh, exclude=one_turn)
             logger.info("%d more harmful requests from the openers of HH's training dialogues", len(openers))
-            harmful += [([{"role": "user", "content": text}], "") for text in openers]  # no HH reply to reject
+            harmful += [(one_turn(text), "") for text in openers]  # no HH reply to reject
     for path in args.harmful_requests:
         requests = read_questions(path)
         logger.info("%s: %d harmful requests", path, len(requests))
-        harmful += [([{"role": "user", "content": text}], "") for text in requests]
+        harmful += [(one_turn(text), "") for text in requests]
 
     engine = Engine.load(args.model)
     tok = engine.tokenizer
@@ -249,7 +254,7 @@ def main(argv=None) -> list[dict]:
     rows += [harmless_row(pair["messages"], pair["chosen"], refusal)
              for pair, refusal in zip(harmless, refusals(harmless_prompts), strict=True)]  # fmt: skip
     for path in args.questions:
-        questions = [[{"role": "user", "content": q}] for q in read_questions(path)]
+        questions = [one_turn(q) for q in read_questions(path)]
         prompts = [format_prompt(messages, tok) for messages in questions]
         answers = [a["text"] for a in generate_replies(engine, prompts, "greedy", False, args.max_new_tokens, 0)]
         usable = [i for i, answer in enumerate(answers) if usable_answer(answer)]
