@@ -227,8 +227,8 @@ def main(argv=None) -> list[dict]:
         logger.info("%d harmful HH dialogues (of %d training pairs), %d harmless PandaLM instructions", len(harmful),
                     len(hh), len(harmless))  # fmt: skip
         if args.harmful_openers:
-            one_turn = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
-            openers = harmful_openers(hh, exclude=one_turn)
+            asked_alone = {messages[0]["content"].strip() for messages, _ in harmful if len(messages) == 1}
+            openers = harmful_openers(hh, exclude=asked_alone)
             logger.info("%d more harmful requests from the openers of HH's training dialogues", len(openers))
             harmful += [(one_turn(text), "") for text in openers]  # no HH reply to reject
     for path in args.harmful_requests:
