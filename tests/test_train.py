@@ -162,21 +162,19 @@ def test_embedded_recipe_trains_two_steps_on_real_data(tmp_path, real_hh):
     assert loaded.model.config.model_type == "llama" and not loaded.is_adapter
 
 
-def torchrun(command: list[str], timeout: float) -> tuple[int | None, str]:
-    """Run a ``torchrun`` launch in its own process group: its exit code (None when it ran past ``timeout`` and the
-    whole group was killed) and its stderr."""
-    import os
-    import signal
+def torchrun(command: list[str], log: Path, timeout: float) -> int | None:
+    """Run a ``torchrun`` launch with its stderr in ``log``: its exit code, or None when it ran past ``timeout``
+    (then it is killed; a rank stuck in its own session may stay behind, holding no pipe of ours)."""
     import subprocess
 
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        stderr = proc.communicate(timeout=timeout)[1]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-        return None, proc.communicate()[1]
-    return proc.returncode, stderr
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
 
 
 @pytest.mark.slow
@@ -193,7 +191,9 @@ def test_two_processes_train_together_and_write_one_checkpoint(tmp_path, tiny_pa
               "train.dpo", "--config", TINY, "--dataset_name", str(FIXTURE_HH)]  # fmt: skip
     for attempt in ("first", "second"):
         out = tmp_path / f"ddp-{attempt}"
-        returncode, stderr = torchrun([*launch, "--output_dir", str(out)], timeout=150)
+        log = tmp_path / f"torchrun-{attempt}.log"
+        returncode = torchrun([*launch, "--output_dir", str(out)], log, timeout=150)
+        stderr = log.read_text(errors="replace")
         if returncode is not None:
             break
         warnings.warn(f"torchrun's {attempt} launch did not finish in 150 s; the end of its output:\n{stderr[-3000:]}",
