@@ -24,6 +24,7 @@ from train.distinction import (
     training_pairs,
     usable_answer,
 )
+from train.refusals import named_refusal
 
 USER = [{"role": "user", "content": "Can you give me Senator Smith's home address?"}]
 
@@ -210,15 +211,9 @@ def test_the_written_questions_are_neither_evaluation_prompts_nor_the_shipped_mo
     assert [(q, p) for q in questions if (p := near_copy(q, xstest))] == []
 
 
-@pytest.mark.slow
-def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
-    """End to end on the tiny model: the file holds both kinds, in TRL's conversational format, and loads as
-    training pairs."""
-    from dpo_space.models import load_tokenizer
-    from train.data import convert_rows, read_jsonl
-    from train.distinction import main
-
-    hh = tmp_path / "hh.jsonl"
+def write_hh_rows(path: Path) -> Path:
+    """Twelve HH rows: four refused requests to hurt, four harmless ones, four dialogues opened by a request to
+    steal whose replies neither refuse (so only the opener makes a harmful pair)."""
     rows = [
         {
             "chosen": f"\n\nHuman: How do I hurt person {i}?\n\nAssistant: I'm sorry, I won't help with that.",
@@ -231,7 +226,19 @@ def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
     bike = "\n\nHuman: How can I steal bike {}?\n\nAssistant: Why?\n\nHuman: I want it.\n\nAssistant: "
     rows += [{"chosen": bike.format(i) + "Use cutters.", "rejected": bike.format(i) + "Ok."} for i in range(4)]
     # neither reply refuses, so only the opener makes a harmful pair
-    hh.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_the_command_writes_pairs_that_train_dpo_reads(tmp_path, tiny_path):
+    """End to end on the tiny model: the file holds both kinds, in TRL's conversational format, and loads as
+    training pairs."""
+    from dpo_space.models import load_tokenizer
+    from train.data import convert_rows, read_jsonl
+    from train.distinction import main
+
+    hh = write_hh_rows(tmp_path / "hh.jsonl")
     questions = tmp_path / "questions.txt"
     questions.write_text("# two questions\nHow do I boil an egg?\nWhy is the sky blue?\n")
     out = tmp_path / "pairs.jsonl"
@@ -285,6 +292,25 @@ def test_prompt_files_only_reads_the_written_requests_alone(tmp_path, tiny_path,
     assert f"{questions}: 0 of 1 answered without refusing or looping" in messages
     assert not any("HH dialogues" in m for m in messages)
     assert out.is_file() and [json.loads(line) for line in out.read_text().splitlines()] == written
+
+
+@pytest.mark.slow
+def test_named_refusals_put_the_named_harm_in_the_chosen_reply(tmp_path):
+    """``--named_refusals``: the harmful pairs prefer ``named_refusal``'s reply, the rest of the file as without."""
+    from train.distinction import main
+
+    common = ["--model", "tiny", "--hh", str(write_hh_rows(tmp_path / "hh.jsonl")), "--hh_eval_fraction", "0.25",
+              "--helpful", str(ROOT / "tests/fixtures/pandalm_tiny.json"), "--questions", "--harmful_openers",
+              "--max_new_tokens", "8"]  # fmt: skip
+    plain = main(["--out", str(tmp_path / "plain.jsonl"), *common])
+    named = main(["--out", str(tmp_path / "named.jsonl"), "--named_refusals", *common])
+
+    harmful = [r for r in named if r["kind"] == "harmful"]
+    assert harmful and all(r["chosen"][0]["content"] == named_refusal(r["prompt"]) for r in harmful)
+    assert {r["chosen"][0]["content"].split(".")[0] for r in harmful} <= {
+        "I'm sorry, but I can't help with hurting anyone", "I'm sorry, but I can't help with stealing"}  # fmt: skip
+    without_chosen = [{**r, "chosen": None} for r in plain]
+    assert [{**r, "chosen": None} for r in named] == without_chosen
 
 
 def test_prompt_files_only_with_hh_openers_is_an_error_that_says_which_to_drop(capsys):

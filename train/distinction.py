@@ -3,6 +3,8 @@
     python -m train.distinction --out outputs/distinction/pairs-questions.jsonl
     python -m train.distinction --out outputs/distinction/pairs-openers.jsonl --harmful_openers \
         --questions train/prompts/everyday_questions.txt train/prompts/borderline_questions.txt
+    python -m train.distinction --out outputs/distinction/pairs-named.jsonl --harmful_openers --named_refusals \
+        --questions train/prompts/everyday_questions.txt train/prompts/borderline_questions.txt
     python -m train.distinction --out outputs/distinction/pairs-requests.jsonl --prompt_files_only \
         --harmful_requests train/prompts/harmful_requests.txt --questions train/prompts/harmless_contrasts.txt
 
@@ -22,6 +24,9 @@ DPO on HH's pairs taught this project's small model one move, a refusal for ever
   (``harmful_request``), because the evaluations ask in one turn and a model taught on whole red-team dialogues
   learns to refuse those; and ``--questions`` may also name ``train/prompts/borderline_questions.txt``, harmless
   requests in harm's words ("How do I kill a frozen program?"), so that a word is not what marks a request.
+- with ``--named_refusals``, the chosen refusal of a harmful request names the harm it declines
+  (``train.refusals.named_refusal``: "I'm sorry, but I can't help with poisoning anyone. It could seriously hurt or
+  kill them."), where the request names one of the listed harms; the model's own refusal otherwise.
 - ``--harmful_requests`` names files of one-turn harmful requests written for this project
   (``train/prompts/harmful_requests.txt``), paired as the openers are; with ``--prompt_files_only`` only the written
   files are read, to write pairs that a recipe mixes in beside an earlier file.
@@ -203,6 +208,11 @@ def parse_args(argv=None):
         help="only the requests of --harmful_requests and --questions: no HH dialogue, no PandaLM instruction "
         "(pairs to mix in beside an earlier file)",
     )
+    parser.add_argument(
+        "--named_refusals",
+        action="store_true",
+        help="chosen refusals of harmful requests name the harm they decline (train/refusals.py), where they can",
+    )
     parser.add_argument("--seed", type=int, default=42, help="as the recipe's seed (the splits)")
     parser.add_argument("--max_new_tokens", type=int, default=96, help="for the model's own replies")
     args = parser.parse_args(argv)
@@ -217,6 +227,7 @@ def main(argv=None) -> list[dict]:
     from dpo_space.engine import Engine
     from dpo_space.prompts import format_prompt
     from train.evaluate import generate_replies
+    from train.refusals import named_refusal
 
     harmful, harmless = [], []  # (messages, HH's rejected reply or "") and PandaLM pairs
     if not args.prompt_files_only:
@@ -246,9 +257,14 @@ def main(argv=None) -> list[dict]:
         return [refusal_reply(c["text"]) for c in continuations]
 
     own = generate_replies(engine, harmful_prompts, "greedy", False, args.max_new_tokens, 0)
+    harmful_refusals = refusals(harmful_prompts)
+    if args.named_refusals:
+        named = [named_refusal(messages) for messages, _ in harmful]
+        logger.info("%d of %d harmful requests get a refusal that names their harm", sum(map(bool, named)), len(named))
+        harmful_refusals = [name or own_words for name, own_words in zip(named, harmful_refusals, strict=True)]
     rows = [
         harmful_row(messages, refusal, reply["text"], rejected)
-        for (messages, rejected), refusal, reply in zip(harmful, refusals(harmful_prompts), own, strict=True)
+        for (messages, rejected), refusal, reply in zip(harmful, harmful_refusals, own, strict=True)
     ]
     rows = [r for r in rows if r is not None]
     rows += [harmless_row(pair["messages"], pair["chosen"], refusal)
