@@ -13,6 +13,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -285,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     # can abort in gloo's teardown ("terminate called without an active exception") and fail the whole launch.
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    if training_args.world_size > 1 and training_args.device.type == "cpu":
+        # gloo's worker thread frees the last collectives' tensors just after the barrier has returned, and takes the
+        # GIL to do it; the process group's destructor, run when this function's locals go, joins that thread while
+        # holding the GIL. A rank whose worker was still freeing hung there for ever (py-spy, docs/reliability.md).
+        # Releasing the GIL a moment first lets the worker finish: it narrows the race, it cannot close it.
+        time.sleep(1.0)
 
 
 if __name__ == "__main__":
