@@ -10,12 +10,20 @@ from pathlib import Path
 def describe() -> str:
     import torch
 
+    from train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    native = sorted(cpu_flags("\n".join(lines)) & set(NATIVE_BF16_CPU_FLAGS))
+    text = (
+        f"{name}, {os.cpu_count()} cores, native bf16: {' '.join(native) or 'none'}, torch {torch.__version__} (CPU)"
+    )
+    if cap := os.environ.get("ONEDNN_MAX_CPU_ISA"):  # how a CPU without native bf16 is emulated on one with it
+        text += f", oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)"
+    return text
 
 
 def write_result(path: Path, result: dict) -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.conftest import ROOT
-from train.precision import choose_bf16, cpu_flags
+from train.precision import NATIVE_BF16_CPU_FLAGS, choose_bf16, cpu_flags, read_cpuinfo
 
 AMD = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 XEON_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
@@ -37,3 +37,14 @@ def test_the_job_sets_dpo_configs_bf16_from_precision(precision, expected):
 
     _, args, _ = parse_args(["--config", str(ROOT / "train/recipes/smollm2-mix-lora.yaml"), "--precision", precision])
     assert args.bf16 is expected and not args.fp16
+
+
+def test_a_benchmarks_machine_line_says_whether_bf16_is_native_and_how_it_was_capped(monkeypatch):
+    from bench.machine import describe
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    native = sorted(cpu_flags(read_cpuinfo()) & set(NATIVE_BF16_CPU_FLAGS))
+    assert f"native bf16: {' '.join(native) or 'none'}," in describe()
+    assert "oneDNN capped" not in describe()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert describe().endswith(", oneDNN capped at AVX512_CORE_VNNI (ONEDNN_MAX_CPU_ISA)")
