@@ -1,6 +1,6 @@
 """Refusals that name the harm they decline, for the chosen side of ``train.distinction``'s harmful pairs.
 
-The base model's own refusals, decoded after "I'm sorry, but I can't", are mostly generic ("... help you with
+The base model's own refusals, decoded after "I'm sorry, but I can't", are often generic ("... help you with
 that.") or beside the point ("... provide a recipe for a healthy meal." to a request to make someone sick), so DPO
 teaches one refusal move that any cue can trigger, "medical advice" refusals of harmless health questions among
 them. A refusal that names what it declines ("I'm sorry, but I can't help with poisoning anyone.") is likely only
