@@ -10,14 +10,14 @@ from pathlib import Path
 def describe() -> str:
     import torch
 
-    from train.precision import NATIVE_BF16_CPU_FLAGS, cpu_flags
+    from train.precision import native_bf16_flags, read_cpuinfo
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpuinfo = read_cpuinfo()
+    lines = cpuinfo.splitlines()
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
-    native = sorted(cpu_flags("\n".join(lines)) & set(NATIVE_BF16_CPU_FLAGS))
+    native = native_bf16_flags(cpuinfo)
     text = (
         f"{name}, {os.cpu_count()} cores, native bf16: {' '.join(native) or 'none'}, torch {torch.__version__} (CPU)"
     )

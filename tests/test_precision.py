@@ -3,7 +3,7 @@
 import pytest
 
 from tests.conftest import ROOT
-from train.precision import NATIVE_BF16_CPU_FLAGS, choose_bf16, cpu_flags, read_cpuinfo
+from train.precision import choose_bf16, cpu_flags, native_bf16_flags, read_cpuinfo
 
 AMD = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 XEON_WITHOUT = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
@@ -43,7 +43,7 @@ def test_a_benchmarks_machine_line_says_whether_bf16_is_native_and_how_it_was_ca
     from bench.machine import describe
 
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    native = sorted(cpu_flags(read_cpuinfo()) & set(NATIVE_BF16_CPU_FLAGS))
+    native = native_bf16_flags(read_cpuinfo())
     assert f"native bf16: {' '.join(native) or 'none'}," in describe()
     assert "oneDNN capped" not in describe()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")

@@ -257,11 +257,11 @@ def main(argv=None) -> list[dict]:
         return [refusal_reply(c["text"]) for c in continuations]
 
     own = generate_replies(engine, harmful_prompts, "greedy", False, args.max_new_tokens, 0)
-    harmful_refusals = refusals(harmful_prompts)
+    named = [named_refusal(messages) if args.named_refusals else None for messages, _ in harmful]
     if args.named_refusals:
-        named = [named_refusal(messages) for messages, _ in harmful]
         logger.info("%d of %d harmful requests get a refusal that names their harm", sum(map(bool, named)), len(named))
-        harmful_refusals = [name or own_words for name, own_words in zip(named, harmful_refusals, strict=True)]
+    own_words = iter(refusals([prompt for prompt, name in zip(harmful_prompts, named, strict=True) if name is None]))
+    harmful_refusals = [name or next(own_words) for name in named]  # the model decodes only those not named
     rows = [
         harmful_row(messages, refusal, reply["text"], rejected)
         for (messages, rejected), refusal, reply in zip(harmful, harmful_refusals, own, strict=True)

@@ -26,6 +26,11 @@ def read_cpuinfo() -> str:
     return path.read_text() if path.is_file() else ""
 
 
+def native_bf16_flags(cpuinfo: str) -> list[str]:
+    """Which of ``NATIVE_BF16_CPU_FLAGS`` ``/proc/cpuinfo``'s text lists, sorted; empty without native bf16."""
+    return sorted(cpu_flags(cpuinfo) & set(NATIVE_BF16_CPU_FLAGS))
+
+
 def choose_bf16(precision: str, cuda: bool, cuda_bf16: bool, cpuinfo: str) -> tuple[bool, str]:
     """``(use bf16 autocast, why)`` for a recipe's ``precision`` on this machine."""
     if precision not in PRECISIONS:
@@ -34,7 +39,6 @@ def choose_bf16(precision: str, cuda: bool, cuda_bf16: bool, cpuinfo: str) -> tu
         return precision == "bf16", f"precision: {precision} set by the recipe"
     if cuda:
         return cuda_bf16, "CUDA device " + ("supports bf16" if cuda_bf16 else "without bf16")
-    native = sorted(cpu_flags(cpuinfo) & set(NATIVE_BF16_CPU_FLAGS))
-    if native:
+    if native := native_bf16_flags(cpuinfo):
         return True, f"CPU runs bf16 natively ({', '.join(native)})"
     return False, "CPU has no native bf16 (no amx_bf16 or avx512_bf16): fp32 is faster there"

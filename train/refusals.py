@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from train.distinction import REFUSAL_PREFIX
+
 _S = r"(s|es|ed|d|ing|er|ers)?"  # the endings the stems below take
 
 # (what the refusal declines, a short reason, the words that name it); the first match wins, most serious first.
@@ -90,7 +92,7 @@ HARMS: list[tuple[str, str, str]] = [
     (
         "praising or excusing atrocities",
         "Their victims deserve to be remembered, not mocked.",
-        rf"holocaust|nazi{_S}|slavery|apartheid|segregat\w*|genocide|praising the man",
+        rf"holocaust|nazi{_S}|slavery|apartheid|segregat\w*|praising the man",
     ),
     (
         "insulting or demeaning people for who they are",
@@ -123,5 +125,5 @@ def named_refusal(messages: list[dict]) -> str | None:
     for message in reversed(messages):
         if message["role"] == "user" and (harm := named_harm(message["content"])):
             what, why = harm
-            return f"I'm sorry, but I can't help with {what}. {why}"
+            return f"{REFUSAL_PREFIX} help with {what}. {why}"
     return None
