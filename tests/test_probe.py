@@ -77,7 +77,7 @@ def test_the_command_fits_on_request_files_and_writes_each_layers_score_on_xstes
     assert written["layers"] == rows
     assert (written["harmful_requests"], written["harmless_requests"]) == (2, 2)
     assert (written["xstest_safe"], written["xstest_unsafe"], written["safe_budget"]) == (2, 1, 1)
-    from dpo_space.models import load_model
+    from transformers import AutoConfig
 
-    assert len(rows) == load_model(tiny_path).model.config.num_hidden_layers + 1
+    assert len(rows) == AutoConfig.from_pretrained(tiny_path).num_hidden_layers + 1
     assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["unsafe_caught"] <= 1.0 for r in rows)

@@ -147,6 +147,7 @@ def first_per_instruction(pairs: list[dict]) -> list[dict]:
     return out
 
 
+HH_FILE = "../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz"  # the recipes' dataset_name
 QUESTIONS_FILE = "train/prompts/everyday_questions.txt"
 BORDERLINE_FILE = "train/prompts/borderline_questions.txt"  # harmless requests that sound harmful
 
@@ -165,23 +166,29 @@ def usable_answer(reply: str, max_repeated: float = 0.1) -> bool:
     return bool(reply.strip()) and not is_refusal(reply) and repeated_ngram_share(reply.split(), 4) <= max_repeated
 
 
-def training_pairs(hh_path: str, hh_eval_fraction: float, pandalm_path: str, pandalm_eval_fraction: float,
-                   seed: int) -> tuple[list, list]:  # fmt: skip
-    """HH's training pairs as ``(messages, chosen, rejected)`` and PandaLM's training pairs (``pandalm_pair``
-    dicts), split as ``train.dpo`` splits them."""
-    from train.data import pandalm_pairs, parsed_pairs, read_json_list, read_jsonl, split_train_eval
+def hh_training_pairs(hh_path: str, hh_eval_fraction: float, seed: int) -> list:
+    """HH's training pairs as ``(messages, chosen, rejected)``, split as ``train.dpo`` splits them."""
+    from train.data import parsed_pairs, read_jsonl, split_train_eval
 
     hh_train, _ = split_train_eval(list(read_jsonl(hh_path)), hh_eval_fraction, seed)
-    hh, _ = parsed_pairs(hh_train, hh_path, skip_bad_rows=True)  # the rows train.dpo keeps with skip_bad_rows
+    return parsed_pairs(hh_train, hh_path, skip_bad_rows=True)[0]  # the rows train.dpo keeps with skip_bad_rows
+
+
+def training_pairs(hh_path: str, hh_eval_fraction: float, pandalm_path: str, pandalm_eval_fraction: float,
+                   seed: int) -> tuple[list, list]:  # fmt: skip
+    """HH's training pairs (``hh_training_pairs``) and PandaLM's training pairs (``pandalm_pair`` dicts), split as
+    ``train.dpo`` splits them."""
+    from train.data import pandalm_pairs, read_json_list, split_train_eval
+
     pandalm_train, _ = split_train_eval(pandalm_pairs(read_json_list(pandalm_path)), pandalm_eval_fraction, seed)
-    return hh, pandalm_train
+    return hh_training_pairs(hh_path, hh_eval_fraction, seed), pandalm_train
 
 
 def parse_args(argv=None):
     parser = command_parser(__doc__)
     parser.add_argument("--out", required=True, help="the .jsonl file to write")
     parser.add_argument("--model", default="embedded", help="the model whose own words the pairs use (the base)")
-    parser.add_argument("--hh", default="../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz")
+    parser.add_argument("--hh", default=HH_FILE)
     parser.add_argument("--hh_eval_fraction", type=float, default=0.1, help="as the recipe's eval_fraction")
     parser.add_argument("--helpful", default="../shared/data/pandalm/testset-v1.json.gz")
     parser.add_argument("--helpful_eval_fraction", type=float, default=0.2, help="as the recipe's")

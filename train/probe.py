@@ -22,15 +22,23 @@ from pathlib import Path
 import torch
 
 from dpo_space.cli import command_parser
+from train.distinction import (
+    BORDERLINE_FILE,
+    HH_FILE,
+    QUESTIONS_FILE,
+    harmful_openers,
+    hh_training_pairs,
+    read_questions,
+)
 
 logger = logging.getLogger(__name__)
 
 HARMFUL_FILES = ("train/prompts/harmful_requests.txt",)
 HARMLESS_FILES = (
     "train/prompts/harmless_contrasts.txt",
-    "train/prompts/borderline_questions.txt",
+    BORDERLINE_FILE,
     "train/prompts/borderline_senses_and_people.txt",
-    "train/prompts/everyday_questions.txt",
+    QUESTIONS_FILE,
 )
 
 
@@ -108,11 +116,8 @@ def parse_args(argv=None):
     parser.add_argument("--xstest", required=True, help="XSTest's xstest_prompts.csv: the test set")
     parser.add_argument("--harmful", nargs="*", default=list(HARMFUL_FILES), help="files of harmful requests")
     parser.add_argument("--harmless", nargs="*", default=list(HARMLESS_FILES), help="files of harmless requests")
-    parser.add_argument(
-        "--hh",
-        default="../shared/data/hh-rlhf/harmless-base-test.sample2000.jsonl.gz",
-        help="HH file whose training dialogues' harmful openers join the harmful side ('' for none)",
-    )
+    parser.add_argument("--hh", default=HH_FILE, help="HH file whose training dialogues' harmful openers join the "
+                        "harmful side ('' for none)")  # fmt: skip
     parser.add_argument("--hh_eval_fraction", type=float, default=0.1, help="as the recipes' eval_fraction")
     parser.add_argument("--seed", type=int, default=42, help="as the recipes' seed (the split)")
     parser.add_argument("--safe_budget", type=int, default=17, help="safe XSTest prompts the probe may flag")
@@ -125,13 +130,11 @@ def main(argv=None) -> list[dict]:
 
     from dpo_space.models import load_model
     from train.behaviour import read_xstest
-    from train.data import parsed_pairs, read_jsonl, split_train_eval
-    from train.distinction import harmful_openers, read_questions
 
     harmful = [q for path in args.harmful for q in read_questions(path)]
     if args.hh:
-        hh_train, _ = split_train_eval(list(read_jsonl(args.hh)), args.hh_eval_fraction, args.seed)
-        harmful += harmful_openers(parsed_pairs(hh_train, args.hh, skip_bad_rows=True)[0], exclude=set(harmful))
+        hh = hh_training_pairs(args.hh, args.hh_eval_fraction, args.seed)
+        harmful += harmful_openers(hh, exclude=set(harmful))
     harmless = [q for path in args.harmless for q in read_questions(path)]
     xstest = read_xstest(args.xstest)
     logger.info("Fitting on %d harmful and %d harmless requests; testing on XSTest's %d prompts", len(harmful),
