@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from train.probe import caught_within_budget, fit_probe, last_token_states, main, probe_layers, roc_auc
+from train.probe_readers import reader_row
 
 
 def test_roc_auc_is_the_share_of_positive_negative_pairs_ranked_right_ties_half():
@@ -41,6 +42,20 @@ def test_a_probe_finds_the_informative_direction_and_layers_without_one_score_ch
     assert [r["layer"] for r in rows] == [0, 1]
     assert rows[0]["auc"] == 0.5 and rows[0]["unsafe_caught"] == 0.0
     assert rows[1]["auc"] > 0.97 and rows[1]["unsafe_caught"] > 0.8
+
+
+def test_a_reader_row_is_the_probe_weight_over_the_norm_weight_at_loras_own_scale():
+    row = reader_row(torch.tensor([2.0, -4.0]), torch.tensor([2.0, 1.0]), row_norm=0.5)
+    assert torch.allclose(row, torch.tensor([1.0, -4.0]) * 0.5 / 17**0.5)
+    row = reader_row(torch.tensor([3.0, 0.0]), torch.tensor([1.0, 1.0]), row_norm=2.0)
+    assert torch.allclose(row, torch.tensor([2.0, 0.0]))
+
+
+def test_a_fitted_probe_scores_raw_features_far_from_zero_with_the_standardisation_folded_in():
+    features = torch.tensor([[100.0, 10.0], [101.0, 10.0], [102.0, 30.0], [103.0, 30.0]])  # means far from 0
+    scores = fit_probe(features, torch.tensor([0, 0, 1, 1]))(features)
+    assert scores[2:].min() > 0 > scores[:2].max()
+    assert torch.allclose(scores[:2].mean(), -scores[2:].mean(), atol=0.1)  # the bias found the middle
 
 
 def test_last_token_states_are_each_layers_state_at_the_prompts_last_token(tiny_path):

@@ -77,6 +77,36 @@ def test_lora_on_the_top_layers_only_trains_those(tmp_path, tiny_path):
 
 
 @pytest.mark.slow
+def test_lora_probe_readers_keep_a_on_the_probe_direction_and_train_only_b(tmp_path, tiny_path):
+    run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "2", "--lora_target_modules", "q_proj", "up_proj",
+             "--lora_probe_readers", "true")  # fmt: skip
+    first = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    last = load_file(tmp_path / "adapter_model.safetensors")
+    a_keys = [k for k in last if "lora_A" in k]
+    assert len(a_keys) == 4  # 2 layers x (q_proj, up_proj)
+    assert all(torch.equal(first[k], last[k]) and torch.equal(last[k][0], last[k][1]) for k in a_keys)
+    assert any(not torch.equal(first[k], last[k]) for k in last if "lora_B" in k)
+
+    from dpo_space.models import load_model
+    from train.probe import HARMFUL_FILES, HARMLESS_FILES, probe_requests
+    from train.probe_readers import probe_directions
+
+    loaded = load_model(tiny_path)
+    harmful, harmless = probe_requests(HARMFUL_FILES, HARMLESS_FILES, str(FIXTURE_HH), 0.25, 42)
+    directions = probe_directions(loaded.model, loaded.tokenizer, [0, 1], harmful, harmless)
+    for layer in (0, 1):
+        norm = loaded.model.model.layers[layer].input_layernorm.weight.detach()
+        a = last[next(k for k in a_keys if f".layers.{layer}.self_attn.q_proj." in k)][0]
+        assert torch.nn.functional.cosine_similarity(a, directions[layer] / norm, dim=0) > 0.999
+
+    with pytest.raises(ValueError, match="o_proj cannot read a probe"):
+        run_tiny(tmp_path / "o", "--use_peft", "true", "--lora_target_modules", "q_proj", "o_proj",
+                 "--lora_probe_readers", "true")  # fmt: skip
+    with pytest.raises(ValueError, match="lora_probe_readers needs use_peft: true"):
+        run_tiny(tmp_path / "full", "--lora_probe_readers", "true")
+
+
+@pytest.mark.slow
 def test_precomputed_reference_log_probs_train(tmp_path, tiny_path):
     results = run_tiny(tmp_path, "--precompute_ref_log_probs", "true", "--max_steps", "2")
     assert math.isfinite(results["train_loss"]) and DPO_KEYS <= results.keys()

@@ -97,6 +97,13 @@ class ScriptArguments:
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
                           "them, so it costs less time and memory."},
     )  # fmt: skip
+    lora_probe_readers: bool = field(
+        default=False,
+        metadata={"help": "With use_peft: each LoRA module's A reads its layer's input along a linear probe of "
+                          "harmful against harmless requests (train/probe.py's requests) and stays frozen; training "
+                          "learns only what to write. lora_target_modules must be among q/k/v/gate/up_proj "
+                          "(train/probe_readers.py)."},
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None):
@@ -223,6 +230,22 @@ def top_layers(count: int, peft_config, model) -> list[int]:
     return list(range(total - count, total))
 
 
+def probe_directions_for(script_args, seed: int, model, tokenizer, peft_config) -> dict:
+    """With ``lora_probe_readers``: the probe direction at the input of every layer the adapter changes, fitted on
+    ``train.probe``'s requests (HH openers from the recipe's own HH training split); else empty."""
+    if not script_args.lora_probe_readers:
+        return {}
+    if peft_config is None:
+        raise ValueError("lora_probe_readers needs use_peft: true (it sets the LoRA modules' A)")
+    from train.probe import HARMFUL_FILES, HARMLESS_FILES, probe_requests
+    from train.probe_readers import probe_directions
+
+    layers = peft_config.layers_to_transform or list(range(model.config.num_hidden_layers))
+    harmful, harmless = probe_requests(HARMFUL_FILES, HARMLESS_FILES, script_args.dataset_name,
+                                       script_args.eval_fraction, seed)  # fmt: skip
+    return probe_directions(model, tokenizer, layers, harmful, harmless)
+
+
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -234,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.card import write_card
     from train.checkpoints import CheckpointMarks, StopAfterSteps, record_adapter_base, resolve_resume
     from train.nll import nll_by_source_trainer
+    from train.probe_readers import set_lora_readers
     from train.report import write_report
     from train.speed import fast_dpo_trainer
 
@@ -248,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     peft_config = get_peft_config(model_args)
     if script_args.lora_top_layers is not None:
         peft_config.layers_to_transform = top_layers(script_args.lora_top_layers, peft_config, model)
+    directions = probe_directions_for(script_args, training_args.seed, model, tokenizer, peft_config)
     ref_model = None  # LoRA: the reference is the policy with its adapter disabled, no second copy
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
@@ -264,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if directions:
+        set_lora_readers(trainer.model, directions)
     result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     logger.info("Rank %d of %d trained %d steps", training_args.process_index, training_args.world_size,

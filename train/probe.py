@@ -17,6 +17,7 @@ request, is what the model sees. ``lora_top_layers`` puts an adapter above such 
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,9 +65,20 @@ def caught_within_budget(scores: list[float], labels: list[bool], max_flagged: i
     return sum(s > neg[max_flagged] for s in pos) / len(pos)
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2):
-    """A logistic regression on standardised ``features`` (n x d; ``labels`` 0/1), fitted by L-BFGS; returns a
-    function from features to scores (logits)."""
+@dataclass(frozen=True)
+class LinearProbe:
+    """A fitted probe: ``features @ weight + bias`` scores a request (positive: harmful), over the raw features."""
+
+    weight: torch.Tensor
+    bias: float
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features @ self.weight + self.bias
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2) -> LinearProbe:
+    """A logistic regression on standardised ``features`` (n x d; ``labels`` 0/1), fitted by L-BFGS, returned as a
+    probe on the raw features (the standardisation folded into its weight and bias)."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
     weight = torch.zeros(x.shape[1], requires_grad=True)
@@ -81,8 +93,8 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, l2: float = 1e-2):
         return loss
 
     optimizer.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda other: ((other - mean) / std) @ weight + bias
+    raw = weight.detach() / std
+    return LinearProbe(weight=raw, bias=float(bias.detach() - mean @ raw))
 
 
 @torch.no_grad()
@@ -110,6 +122,16 @@ def probe_layers(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     return rows
 
 
+def probe_requests(harmful_files, harmless_files, hh: str, hh_eval_fraction: float, seed: int):
+    """The requests a probe is fitted on: harmful (the files' requests, then the harmful openers of the HH file's
+    training dialogues unless ``hh`` is empty) and harmless (the files' requests)."""
+    harmful = [q for path in harmful_files for q in read_questions(path)]
+    if hh:
+        harmful += harmful_openers(hh_training_pairs(hh, hh_eval_fraction, seed), exclude=set(harmful))
+    harmless = [q for path in harmless_files for q in read_questions(path)]
+    return harmful, harmless
+
+
 def parse_args(argv=None):
     parser = command_parser(__doc__)
     parser.add_argument("--model", default="embedded")
@@ -131,11 +153,7 @@ def main(argv=None) -> list[dict]:
     from dpo_space.models import load_model
     from train.behaviour import read_xstest
 
-    harmful = [q for path in args.harmful for q in read_questions(path)]
-    if args.hh:
-        hh = hh_training_pairs(args.hh, args.hh_eval_fraction, args.seed)
-        harmful += harmful_openers(hh, exclude=set(harmful))
-    harmless = [q for path in args.harmless for q in read_questions(path)]
+    harmful, harmless = probe_requests(args.harmful, args.harmless, args.hh, args.hh_eval_fraction, args.seed)
     xstest = read_xstest(args.xstest)
     logger.info("Fitting on %d harmful and %d harmless requests; testing on XSTest's %d prompts", len(harmful),
                 len(harmless), len(xstest))  # fmt: skip
