@@ -22,7 +22,8 @@ class Range:
     integer: bool = False
 
     def check(self, name: str, value):
-        if isinstance(value, bool) or not isinstance(value, int | float) or (self.integer and value != int(value)):
+        integral = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+        if isinstance(value, bool) or not isinstance(value, int | float) or (self.integer and not integral):
             kind = "an integer" if self.integer else "a number"
             raise ValueError(f"{name} must be {kind} in [{self.low:g}, {self.high:g}]; got {value!r}")
         if math.isnan(value) or not self.low <= value <= self.high:

@@ -153,6 +153,7 @@ def test_hostile_generate_input(app, prompt, mode, values, keep):
 @pytest.mark.parametrize("api", ["compare", "arena"])  # a prompt and the settings: both replies at once
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(prompt=texts, values=st.lists(numbers, min_size=7, max_size=7), keep=st.integers(0, 8))
+@example(prompt=None, values=[math.inf, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], keep=8)  # once "cannot convert float infinity"
 def test_hostile_two_reply_input(app, api, prompt, values, keep):
     event, payload = sse_call(app[0], api, [prompt, *short(values)][:keep])
     check_outcome(app, event, payload)

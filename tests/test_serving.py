@@ -33,6 +33,8 @@ def engine(request, tiny_adapter):
         ("temperature", float("nan"), "temperature must be in [0, 2]; got nan"),
         ("max_new_tokens", 0, "max_new_tokens must be in [1, 1024]; got 0"),
         ("max_new_tokens", 1.5, "max_new_tokens must be an integer in [1, 1024]; got 1.5"),
+        ("max_new_tokens", float("inf"), "max_new_tokens must be an integer in [1, 1024]; got inf"),
+        ("top_k", float("nan"), "top_k must be an integer in [0, 200]; got nan"),
         ("top_k", "10", "top_k must be an integer in [0, 200]; got '10'"),
         ("top_p", None, "top_p must be a number in [0.01, 1]; got None"),
         ("seed", True, "seed must be an integer in [0, 2.14748e+09]; got True"),
