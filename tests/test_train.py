@@ -99,6 +99,13 @@ def test_lora_probe_readers_keep_a_on_the_probe_direction_and_train_only_b(tmp_p
         a = last[next(k for k in a_keys if f".layers.{layer}.self_attn.q_proj." in k)][0]
         assert torch.nn.functional.cosine_similarity(a, directions[layer] / norm, dim=0) > 0.999
 
+    resumed = tmp_path / "resumed"  # no probe fitted again: the checkpoint's readers load, and stay frozen
+    run_tiny(resumed, "--use_peft", "true", "--lora_r", "2", "--lora_target_modules", "q_proj", "up_proj",
+             "--lora_probe_readers", "true", "--resume_from_checkpoint", str(tmp_path / "checkpoint-2"))  # fmt: skip
+    after = load_file(resumed / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], after[k]) for k in a_keys)
+    assert any(not torch.equal(first[k], after[k]) for k in after if "lora_B" in k)
+
     with pytest.raises(ValueError, match="o_proj cannot read a probe"):
         run_tiny(tmp_path / "o", "--use_peft", "true", "--lora_target_modules", "q_proj", "o_proj",
                  "--lora_probe_readers", "true")  # fmt: skip

@@ -272,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     peft_config = get_peft_config(model_args)
     if script_args.lora_top_layers is not None:
         peft_config.layers_to_transform = top_layers(script_args.lora_top_layers, peft_config, model)
-    directions = probe_directions_for(script_args, training_args.seed, model, tokenizer, peft_config)
+    # A resumed run's checkpoint holds its readers: fitting the probe again would only be overwritten
+    seed = training_args.seed
+    directions = None if resume else probe_directions_for(script_args, seed, model, tokenizer, peft_config)
     ref_model = None  # LoRA: the reference is the policy with its adapter disabled, no second copy
     if peft_config is None:
         ref_model = load_causal_lm(script_args.ref_model_name_or_path or name, dtype=model_args.dtype)
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    if directions:
+    if script_args.lora_probe_readers:
         set_lora_readers(trainer.model, directions)
     result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state

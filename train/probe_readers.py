@@ -47,10 +47,10 @@ def probe_directions(model, tokenizer, layers: list[int], harmful: list[str], ha
     return {layer: fit_probe(states[:, layer], labels).weight for layer in layers}
 
 
-def set_lora_readers(peft_model, directions: dict) -> int:
+def set_lora_readers(peft_model, directions: dict | None) -> int:
     """Set every LoRA A of ``peft_model`` to read its layer's probe direction (``reader_row``, every row alike) and
-    freeze it; returns how many were set. Every adapted module must be one of ``READER_MODULES`` in a layer of
-    ``directions``."""
+    freeze it; returns how many were set. Every adapted module must be one of ``READER_MODULES`` (in a layer of
+    ``directions``). ``directions`` None: only freeze, the A that a resumed checkpoint loads being the readers."""
     layers = peft_model.get_base_model().model.layers
     count = 0
     for name, module in peft_model.named_modules():
@@ -58,15 +58,16 @@ def set_lora_readers(peft_model, directions: dict) -> int:
             continue
         parts = name.split(".")
         kind, layer = parts[-1], int(parts[parts.index("layers") + 1])
-        if kind not in READER_MODULES or layer not in directions:
+        if kind not in READER_MODULES or (directions is not None and layer not in directions):
             raise ValueError(f"lora_probe_readers: {name} cannot read a probe; set lora_target_modules to some of "
                              f"{sorted(READER_MODULES)} (the modules that read the residual stream)")  # fmt: skip
         norm = getattr(layers[layer], READER_MODULES[kind]).weight.detach()
         for lora_a in module.lora_A.values():
             a = lora_a.weight
-            row = reader_row(directions[layer], norm, float(a.detach().norm(dim=1).mean()))
-            with torch.no_grad():
-                a.copy_(row.to(a.dtype).expand_as(a))
+            if directions is not None:
+                row = reader_row(directions[layer], norm, float(a.detach().norm(dim=1).mean()))
+                with torch.no_grad():
+                    a.copy_(row.to(a.dtype).expand_as(a))
             a.requires_grad_(False)
         count += 1
     logger.info("%d LoRA modules read their layer's probe direction (A frozen)", count)
