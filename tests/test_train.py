@@ -77,6 +77,22 @@ def test_lora_on_the_top_layers_only_trains_those(tmp_path, tiny_path):
 
 
 @pytest.mark.slow
+def test_lora_on_listed_layers_only_trains_those(tmp_path, tiny_path):
+    """--lora_layers 0: the adapter holds the first layer's LoRA weights only (a band lora_top_layers cannot name)."""
+    total = json.loads((Path(tiny_path) / "config.json").read_text())["num_hidden_layers"]
+    run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "4", "--lora_layers", "0", "--max_steps", "1")
+    adapter = load_file(tmp_path / "adapter_model.safetensors")
+    assert adapter and all(".layers.0." in k for k in adapter)
+    with pytest.raises(ValueError, match=rf"lora_layers must list layer indices in \[0, {total - 1}\] for this "
+                                         rf"model; got \[0, {total}\]"):  # fmt: skip
+        run_tiny(tmp_path / "outside", "--use_peft", "true", "--lora_layers", "0", str(total))
+    with pytest.raises(ValueError, match="Set lora_top_layers or lora_layers, not both"):
+        run_tiny(tmp_path / "both", "--use_peft", "true", "--lora_layers", "0", "--lora_top_layers", "1")
+    with pytest.raises(ValueError, match="lora_layers needs use_peft: true"):
+        run_tiny(tmp_path / "full", "--lora_layers", "0")
+
+
+@pytest.mark.slow
 def test_lora_probe_readers_keep_a_on_the_probe_direction_and_train_only_b(tmp_path, tiny_path):
     run_tiny(tmp_path, "--use_peft", "true", "--lora_r", "2", "--lora_target_modules", "q_proj", "up_proj",
              "--lora_probe_readers", "true")  # fmt: skip

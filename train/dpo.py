@@ -97,6 +97,11 @@ class ScriptArguments:
         metadata={"help": "LoRA on the top N decoder layers only (with use_peft): the backward pass stops below "
                           "them, so it costs less time and memory."},
     )  # fmt: skip
+    lora_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "LoRA on these decoder layers only (0-based indices, with use_peft), for a band of layers "
+                          "that lora_top_layers cannot name (docs/alignment: readers on layers 17 to 23)."},
+    )  # fmt: skip
     lora_probe_readers: bool = field(
         default=False,
         metadata={"help": "With use_peft: each LoRA module's A reads its layer's input along a linear probe of "
@@ -220,14 +225,26 @@ def write_run_config(output_dir: str, script_args, training_args, model_args, ar
     RunRecord.write(output_dir, asdict(script_args), asdict(model_args), training_args.to_dict(), command)
 
 
-def top_layers(count: int, peft_config, model) -> list[int]:
-    """The indices of the top ``count`` decoder layers, for ``LoraConfig.layers_to_transform``."""
-    total = model.config.num_hidden_layers
+def lora_layers(script_args, peft_config, model) -> list[int] | None:
+    """The decoder layers that get LoRA (``LoraConfig.layers_to_transform``): the top ``lora_top_layers``, or the
+    listed ``lora_layers``; None (every layer) when neither is set."""
+    top, listed = script_args.lora_top_layers, script_args.lora_layers
+    if top is None and listed is None:
+        return None
+    name = "lora_top_layers" if top is not None else "lora_layers"
+    if top is not None and listed is not None:
+        raise ValueError("Set lora_top_layers or lora_layers, not both (both say which layers get LoRA)")
     if peft_config is None:
-        raise ValueError("lora_top_layers needs use_peft: true (it says which layers get LoRA)")
-    if not 0 < count <= total:
-        raise ValueError(f"lora_top_layers must be in [1, {total}] for this model; got {count}")
-    return list(range(total - count, total))
+        raise ValueError(f"{name} needs use_peft: true (it says which layers get LoRA)")
+    total = model.config.num_hidden_layers
+    if top is not None:
+        if not 0 < top <= total:
+            raise ValueError(f"lora_top_layers must be in [1, {total}] for this model; got {top}")
+        return list(range(total - top, total))
+    outside = [i for i in listed if not 0 <= i < total]
+    if not listed or outside:
+        raise ValueError(f"lora_layers must list layer indices in [0, {total - 1}] for this model; got {listed}")
+    return sorted(set(listed))
 
 
 def probe_directions_for(script_args, seed: int, model, tokenizer, peft_config) -> dict:
@@ -270,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_causal_lm(name, dtype=model_args.dtype)
     peft_config = get_peft_config(model_args)
-    if script_args.lora_top_layers is not None:
-        peft_config.layers_to_transform = top_layers(script_args.lora_top_layers, peft_config, model)
+    layers = lora_layers(script_args, peft_config, model)
+    if layers is not None:
+        peft_config.layers_to_transform = layers
     # A resumed run's checkpoint holds its readers: fitting the probe again would only be overwritten
     seed = training_args.seed
     directions = None if resume else probe_directions_for(script_args, seed, model, tokenizer, peft_config)
